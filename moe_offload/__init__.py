@@ -1,0 +1,39 @@
+"""moe_offload: grouped MoE expert layers and a CPU activation-offload engine.
+
+Layers (``moe_offload.ops``):
+
+- :class:`GroupedLinear` -- one linear layer per contiguous row group, split sizes on
+  the device, no host sync.
+- :class:`GroupedMLP` -- fused ``fc1 -> activation (* router probs) -> fc2`` in one
+  autograd function that recomputes the cheap activation in backward.
+- :class:`MoE` -- linear router, softmax top-k, on-device permutation, ``GroupedMLP``
+  experts, weighted combine, and the load-balancing loss in ``moe.aux_loss``.
+
+Quantized formats (``moe_offload.tensor``): :class:`Float8CurrentScalingQuantizer`,
+:class:`MXFP8Quantizer`, :class:`NVFP4Quantizer`, the containers
+:class:`GroupedTensorStorage` (internal) and :class:`GroupedTensor` (a ``torch.Tensor``
+subclass), and :func:`group_quantize`.
+
+Offload engine (``moe_offload.offload``): :func:`get_cpu_offload_context` (the
+TransformerEngine-compatible ``(context, sync)`` pair), :func:`offload_module_list`,
+:func:`offloaded_checkpoint`, and the marks :func:`mark_not_offload`,
+:func:`mark_activation_offload`, :func:`start_offload`, :func:`is_cpu_offload_enabled`.
+"""
+from .offload import (get_cpu_offload_context, is_cpu_offload_enabled,
+                      mark_activation_offload, mark_not_offload, offload_module_list,
+                      offloaded_checkpoint, prepare_for_saving, restore_from_saved,
+                      start_offload)
+from .ops import GroupedLinear, GroupedMLP, MoE
+from .tensor import (Float8CurrentScalingQuantizer, GroupedTensor, GroupedTensorStorage,
+                     MXFP8Quantizer, NVFP4Quantizer, group_quantize)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupedLinear", "GroupedMLP", "MoE",
+    "Float8CurrentScalingQuantizer", "MXFP8Quantizer", "NVFP4Quantizer",
+    "GroupedTensorStorage", "GroupedTensor", "group_quantize",
+    "get_cpu_offload_context", "offload_module_list", "offloaded_checkpoint",
+    "mark_not_offload", "mark_activation_offload", "start_offload",
+    "is_cpu_offload_enabled", "prepare_for_saving", "restore_from_saved",
+]

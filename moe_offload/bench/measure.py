@@ -1,0 +1,258 @@
+"""Measuring: copy bandwidth, step timing, activation memory, saved bytes, grads.
+
+Everything here is strategy-agnostic: a *step* is ``forward(x) -> y`` then
+``y.backward(dy)``, given as two callables.
+
+Memory on CUDA is ``torch.cuda.memory_allocated`` (activation memory = allocated after
+forward minus before forward) and ``max_memory_allocated`` after a reset (peak).  On the
+CPU there is no device allocator to ask, so the same two figures come from the
+profiler's per-op memory accounting (``profile_memory=True``): the net host bytes the
+forward left allocated, and the running maximum over the step.  On the CPU, offloading
+"to the host" cannot lower host memory, so CPU memory figures only check the plumbing.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["StepTimes", "StepMemory", "measure_bandwidth", "time_steps", "measure_memory",
+           "count_saved_bytes", "capture_grads", "grads_bitwise_equal", "trace_memory"]
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------- bandwidth
+def _median_seconds(fn: Callable[[], None], reps: int, cuda: bool) -> float:
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 256 * MiB, reps: int = 5) -> dict:
+    """Median copy bandwidth (bytes/s) each way between pinned host memory and ``device``.
+
+    On the CPU this is a plain host memcpy (both directions are the same copy)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = nbytes // 4
+    host = torch.empty(n, dtype=torch.float32, pin_memory=cuda)
+    host.fill_(1.0)
+    dev = torch.empty(n, dtype=torch.float32, device=device)
+    dev.copy_(host, non_blocking=cuda)  # warm up the copy engine / pages
+    if cuda:
+        torch.cuda.synchronize()
+    d2h = _median_seconds(lambda: host.copy_(dev, non_blocking=cuda), reps, cuda)
+    h2d = _median_seconds(lambda: dev.copy_(host, non_blocking=cuda), reps, cuda)
+    return {"bytes": n * 4, "d2h_Bps": n * 4 / d2h, "h2d_Bps": n * 4 / h2d,
+            "kind": "pinned host <-> device" if cuda else "host memcpy (no device)"}
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclass
+class StepTimes:
+    """Median seconds of the timed steps: forward, backward, whole step."""
+    fwd_s: float
+    bwd_s: float
+    step_s: float
+    all_step_s: list = field(default_factory=list)
+
+
+def time_steps(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+               iters: int, cuda: bool, before_step: Callable[[], None] = lambda: None) -> StepTimes:
+    """Run ``iters`` steps; CUDA events around forward and backward (host clock on CPU)."""
+    fwd, bwd, step = [], [], []
+    for _ in range(iters):
+        before_step()
+        if cuda:
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            torch.cuda.synchronize()
+            e0.record()
+            y = forward()
+            e1.record()
+            backward(y)
+            e2.record()
+            e2.synchronize()
+            f, b = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        else:
+            t0 = time.perf_counter()
+            y = forward()
+            t1 = time.perf_counter()
+            backward(y)
+            t2 = time.perf_counter()
+            f, b = t1 - t0, t2 - t1
+        del y
+        fwd.append(f)
+        bwd.append(b)
+        step.append(f + b)
+    return StepTimes(statistics.median(fwd), statistics.median(bwd), statistics.median(step), step)
+
+
+# ----------------------------------------------------------------------------- memory
+@dataclass
+class StepMemory:
+    """Activation memory (after forward minus before) and peak over the step, bytes.
+
+    ``peak_bytes`` is absolute on CUDA (weights included) and relative to the step start
+    on the CPU; ``base_bytes`` is what was allocated when the step began."""
+    act_bytes: int
+    peak_bytes: int
+    base_bytes: int
+    source: str
+
+
+_FWD_END = "moe_offload.bench.forward_end"
+
+
+def _cpu_profiled_step(forward: Callable[[], torch.Tensor],
+                       backward: Callable[[torch.Tensor], None]) -> tuple:
+    """One profiled step -> ``(series, fwd_end_s)``: ``series`` is ``[(t_s, running net
+    host bytes)]`` from the per-op self memory ordered by op start, ``fwd_end_s`` the
+    time of a marker recorded between forward and backward."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = forward()
+        with record_function(_FWD_END):
+            pass
+        backward(y)
+        del y
+    events = list(prof.events())
+    t0 = min((e.time_range.start for e in events), default=0)
+    fwd_end = next((e.time_range.start for e in events if e.name == _FWD_END), t0)
+    mem = sorted((e for e in events if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    running, series = 0, [(0.0, 0)]
+    for e in mem:
+        running += e.self_cpu_memory_usage
+        series.append(((e.time_range.start - t0) / 1e6, running))
+    return series, (fwd_end - t0) / 1e6
+
+
+def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                   cuda: bool) -> StepMemory:
+    """One step measuring activation and peak memory (see the module docstring)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = forward()
+        torch.cuda.synchronize()
+        act = torch.cuda.memory_allocated() - base
+        backward(y)
+        del y
+        torch.cuda.synchronize()
+        return StepMemory(act, torch.cuda.max_memory_allocated(), base, "torch.cuda.memory_allocated")
+    series, fwd_end = _cpu_profiled_step(forward, backward)
+    act = [b for t, b in series if t <= fwd_end][-1]
+    peak = max(b for _, b in series)
+    return StepMemory(int(act), int(peak), 0, "cpu profiler (net host bytes)")
+
+
+def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.Tensor],
+                 backward: Callable[[torch.Tensor], None], cuda: bool) -> dict:
+    """Memory over one step sampled at layer boundaries: ``{"t_s", "bytes", "fwd_end_s"}``.
+
+    CUDA: forward pre/post hooks on each layer and gradient hooks on each layer's output
+    (they fire as that layer's backward begins) read ``memory_allocated`` after a
+    synchronize (so the trace run is slower than a timed one; its shape is what matters).
+    CPU: the profiler's running net host bytes."""
+    if not cuda:
+        series, fwd_end = _cpu_profiled_step(forward, backward)
+        return {"t_s": [p[0] for p in series], "bytes": [int(p[1]) for p in series],
+                "fwd_end_s": fwd_end, "source": "cpu profiler"}
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    samples = []
+
+    def sample(*_):
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0, torch.cuda.memory_allocated() - base))
+
+    def post_hook(_module, _inputs, output):
+        sample()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda g: sample())
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, i: sample()))
+        handles.append(layer.register_forward_hook(post_hook))
+    try:
+        sample()
+        y = forward()
+        sample()
+        fwd_end = samples[-1][0]
+        backward(y)
+        del y
+        sample()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"t_s": [s[0] for s in samples], "bytes": [int(s[1]) for s in samples],
+            "fwd_end_s": fwd_end, "source": "torch.cuda.memory_allocated at layer boundaries"}
+
+
+# ------------------------------------------------------------------------ saved bytes
+def count_saved_bytes(forward: Callable[[], torch.Tensor], min_bytes: int = 0) -> dict:
+    """Bytes autograd saves in one forward, counted by identity saved-tensor hooks.
+
+    ``all_bytes`` counts every pack (what ``save_on_cpu`` copies each way: parameters
+    included, a tensor saved twice counted twice); ``activation_bytes`` leaves out
+    parameters; ``large_activation_bytes`` counts only activations of at least
+    ``min_bytes`` (what an engine with that size threshold moves).  The graph is dropped
+    before returning."""
+    counts = {"all_bytes": 0, "activation_bytes": 0, "large_activation_bytes": 0, "tensors": 0}
+
+    def pack(t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        counts["all_bytes"] += nbytes
+        counts["tensors"] += 1
+        if not isinstance(t, torch.nn.Parameter):
+            counts["activation_bytes"] += nbytes
+            if nbytes >= min_bytes:
+                counts["large_activation_bytes"] += nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = forward()
+    del y
+    return counts
+
+
+# ------------------------------------------------------------------------------ grads
+def capture_grads(x: torch.Tensor, params: Sequence[torch.Tensor], to_cpu: bool = False) -> list:
+    """``x.grad`` and each parameter's ``.grad`` (``None`` kept as ``None``), cloned, or
+    copied to the host with ``to_cpu`` (keeps device memory figures clean)."""
+    return [None if t.grad is None else (t.grad.detach().to("cpu", copy=True) if to_cpu else t.grad.detach().clone())
+            for t in [x, *params]]
+
+
+def grads_bitwise_equal(got: Sequence[Optional[torch.Tensor]],
+                        ref: Sequence[Optional[torch.Tensor]]) -> bool:
+    """True when every gradient is bitwise equal (``torch.equal``; both ``None`` counts).
+
+    ``ref`` may live on another device (it is moved one tensor at a time)."""
+    if len(got) != len(ref):
+        return False
+    for a, b in zip(got, ref):
+        if a is None or b is None:
+            if a is not b:
+                return False
+        elif a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b.to(a.device)):
+            return False
+    return True

@@ -1,0 +1,177 @@
+"""The models the benchmark runs: stacks of ``L`` expert layers, ``x = layer(x)``.
+
+Shape legend: ``T`` tokens, ``H`` hidden, ``F`` ffn hidden, ``X = 2F`` fc1 width,
+``E`` experts (= groups ``G``), ``L`` layers.
+
+- ``fused``: our :class:`~moe_offload.ops.grouped_mlp.GroupedMLP` (one autograd op per
+  layer; saves ``x`` and the fc1 output, recomputes SwiGLU).  Variants share the very
+  same ``Parameter`` objects: ``fused/fc1`` (``recompute="fc1"``: saves only ``x``) and
+  ``fused/<recipe>`` (FP8 & co).
+- ``unfused``: the peers' stack, ``torch._grouped_mm(x, w1) -> silu(a) * b ->
+  torch._grouped_mm(., w2)`` composed with plain autograd (saves ``x``, the fc1 output,
+  ``silu(a)``/``a``/``b`` intermediates and the activation).  Its weights are copies of
+  the fused ones in the peers' ``(E, K, N)`` layout, so both stacks compute the same
+  function.
+- ``moe``: a stack of full :class:`~moe_offload.ops.moe.MoE` blocks (router included).
+
+Stacks have no norm and no residual: gradients are deterministic functions of the
+weights and inputs, so two strategies can be compared bitwise.  Split sizes stay on the
+device (a host sync in the MoE path is what we avoid).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BenchConfig
+
+__all__ = ["Stack", "UnfusedSwiGLU", "FusedLayer", "make_split_sizes", "build_stacks",
+           "make_inputs"]
+
+
+def make_split_sizes(tokens: int, experts: int, kind: str, seed: int,
+                     device: torch.device) -> torch.Tensor:
+    """Tokens per expert as an int64 tensor on ``device`` summing to ``tokens``.
+
+    ``uniform``: as even as possible; ``random``: each token draws an expert (seeded)."""
+    if kind == "uniform":
+        sizes = torch.full((experts,), tokens // experts, dtype=torch.int64)
+        sizes[: tokens % experts] += 1
+    elif kind == "random":
+        gen = torch.Generator().manual_seed(seed)
+        choice = torch.randint(0, experts, (tokens,), generator=gen)
+        sizes = torch.bincount(choice, minlength=experts).to(torch.int64)
+    else:
+        raise ValueError(f"unknown split kind {kind!r}; expected 'uniform' or 'random'")
+    return sizes.to(device)
+
+
+class UnfusedSwiGLU(nn.Module):
+    """The peers' unfused grouped SwiGLU expert MLP on device offsets ``offs_G``.
+
+    ``w1_EHX`` ``(E, H, 2F)`` and ``w2_EFH`` ``(E, F, H)``; the gate is the first half of
+    the fc1 output (as in ``GroupedMLP``)."""
+
+    def __init__(self, w1_EHX: torch.Tensor, w2_EFH: torch.Tensor, offs_G: torch.Tensor):
+        super().__init__()
+        self.w1_EHX = nn.Parameter(w1_EHX)
+        self.w2_EFH = nn.Parameter(w2_EFH)
+        self.offs_G = offs_G
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """``fc2(silu(a) * b)`` with ``[a | b] = fc1(x)`` per expert."""
+        h_TX = torch._grouped_mm(x_TH, self.w1_EHX, self.offs_G)
+        a_TF, b_TF = h_TX.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(a_TF) * b_TF, self.w2_EFH, self.offs_G)
+
+
+class FusedLayer(nn.Module):
+    """A :class:`GroupedMLP` bound to the stack's device split sizes: ``forward(x)``."""
+
+    def __init__(self, mlp: nn.Module, split_sizes_E: torch.Tensor):
+        super().__init__()
+        self.mlp = mlp
+        self.split_sizes_E = split_sizes_E
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Grouped MLP of ``x`` with the bound split sizes."""
+        return self.mlp(x_TH, self.split_sizes_E)
+
+
+class MoELayer(nn.Module):
+    """A full MoE block returning only its output tensor."""
+
+    def __init__(self, moe: nn.Module):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The block's output (auxiliary outputs, if any, are dropped)."""
+        out = self.moe(x_TH)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class Stack:
+    """``L`` layers run as ``x = layer(x)``; ``name`` is ``fused``, ``fused/fc1``,
+    ``fused/<recipe>``, ``unfused`` or ``moe``."""
+    name: str
+    layers: nn.ModuleList
+    recipe: Optional[str] = None
+    note: str = ""
+
+    def parameters(self) -> list:
+        """The distinct parameters of the stack, in a fixed order."""
+        seen, out = set(), []
+        for p in self.layers.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward (no strategy)."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _share_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s very Parameter objects (same names)."""
+    for name, p in src.named_parameters(recurse=False):
+        setattr(dst, name, p)
+
+
+def build_stacks(cfg: BenchConfig, recipe: Optional[str]) -> dict:
+    """Build the stacks ``cfg`` needs, keyed by name (weights seeded by ``cfg.seed``).
+
+    ``recipe``: the quantized variant to build (``None``: none)."""
+    from ..ops.grouped_mlp import GroupedMLP  # late: keeps `--help` light
+
+    device, dtype = torch.device(cfg.device), cfg.torch_dtype
+    torch.manual_seed(cfg.seed)
+    stacks = {}
+    if cfg.model == "moe":
+        from ..ops.moe import MoE
+        layers = nn.ModuleList(
+            MoELayer(MoE(cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k, device=device, dtype=dtype))
+            for _ in range(cfg.layers))
+        stacks["moe"] = Stack("moe", layers)
+        return stacks
+
+    split_sizes_E = make_split_sizes(cfg.tokens, cfg.experts, cfg.splits, cfg.seed, device)
+    base = [GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device=device, dtype=dtype)
+            for _ in range(cfg.layers)]
+    if cfg.stack in ("fused", "both"):
+        stacks["fused"] = Stack("fused", nn.ModuleList(FusedLayer(m, split_sizes_E) for m in base))
+        variants = [("fused/fc1", dict(recompute="fc1"), None)]
+        if recipe is not None:
+            variants.append((f"fused/{recipe}", dict(recipe=recipe), recipe))
+        for name, kw, rec in variants:
+            layers = []
+            for m in base:
+                v = GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device="meta", dtype=dtype, **kw)
+                _share_parameters(v, m)
+                layers.append(FusedLayer(v, split_sizes_E))
+            stacks[name] = Stack(name, nn.ModuleList(layers), recipe=rec)
+    if cfg.stack in ("unfused", "both"):
+        offs_G = torch.cumsum(split_sizes_E, 0).to(torch.int32)  # on the device: no sync
+        layers = [UnfusedSwiGLU(m.fc1_weight.detach().transpose(1, 2).contiguous(),
+                                m.fc2_weight.detach().transpose(1, 2).contiguous(), offs_G)
+                  for m in base]
+        stacks["unfused"] = Stack("unfused", nn.ModuleList(layers))
+    return stacks
+
+
+def make_inputs(cfg: BenchConfig) -> tuple:
+    """``(x_TH, dy_TH)``: the leaf input (requires grad) and the output gradient."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(cfg.tokens, cfg.hidden, generator=gen)
+    dy = torch.randn(cfg.tokens, cfg.hidden, generator=gen)
+    device, dtype = torch.device(cfg.device), cfg.torch_dtype
+    x = x.to(device=device, dtype=dtype).requires_grad_(True)
+    return x, dy.to(device=device, dtype=dtype)

@@ -1,0 +1,124 @@
+"""Terminal output: the environment, one table row per run, the published rows, the checks.
+
+Plain string formatting, no dependency.
+"""
+from __future__ import annotations
+
+from .checks import PUBLISHED
+
+__all__ = ["format_env", "format_table", "format_checks", "format_plan"]
+
+GiB = float(1 << 30)
+MiB = float(1 << 20)
+
+
+def _f(v, fmt: str, missing: str = "-") -> str:
+    return missing if v is None else format(v, fmt)
+
+
+def format_env(env: dict, cfg: dict) -> str:
+    """Two lines: the environment and the problem."""
+    bw = env["bandwidth"]
+    return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
+            f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
+            f"model {cfg['model']} preset {cfg['preset']}: T={cfg['tokens']} H={cfg['hidden']} "
+            f"F={cfg['ffn']} E={cfg['experts']} L={cfg['layers']} {cfg['dtype']} "
+            f"splits={cfg['splits']} recipe={cfg['recipe']} iters={cfg['iters']} warmup={cfg['warmup']}")
+
+
+COLUMNS = (("stack", 14, "<"), ("strategy", 22, "<"), ("owner", 8, "<"), ("step ms", 9, ">"),
+           ("time x", 7, ">"), ("act MiB", 9, ">"), ("act x", 6, ">"), ("peak x", 6, ">"),
+           ("vs unf t/a", 12, ">"), ("D2H MB", 8, ">"), ("H2D MB", 8, ">"), ("GB/s d/h", 11, ">"),
+           ("step/LB", 7, ">"), ("bitwise", 7, ">"))
+
+
+def _line(cells) -> str:
+    return " ".join(format(str(c), f"{a}{w}") for c, (_, w, a) in zip(cells, COLUMNS)).rstrip()
+
+
+def format_table(rows: list) -> str:
+    """The per-run table; skipped/failed rows show their note."""
+    out = [_line([c[0] for c in COLUMNS]), "-" * (sum(c[1] + 1 for c in COLUMNS) - 1)]
+    for r in rows:
+        head = [r["stack"], r["strategy"], r["owner"]]
+        if r["status"] != "ok":
+            out.append(_line(head) + f"  [{r['status']}] {r['note']}")
+            continue
+        bit = {True: "yes", False: "NO", None: "n/a"}[r.get("bitwise_equal")]
+        vs_unf = "-" if r.get("time_x_vs_unfused") is None else \
+            f"{r['time_x_vs_unfused']:.2f}/{_f(r.get('act_x_vs_unfused'), '.2f')}"
+        rates = "-" if not r["d2h_bytes"] else \
+            f"{_f(r.get('d2h_GBps'), '.1f')}/{_f(r.get('h2d_GBps'), '.1f')}"
+        out.append(_line(head + [
+            f"{r['step_s'] * 1e3:.2f}", _f(r.get("time_x"), ".2f"), f"{r['act_bytes'] / MiB:.1f}",
+            _f(r.get("act_x"), ".3f"), _f(r.get("peak_x"), ".2f"), vs_unf,
+            f"{r['d2h_bytes'] / 1e6:.1f}", f"{r['h2d_bytes'] / 1e6:.1f}", rates,
+            _f(r.get("step_over_lb"), ".2f"), bit]))
+        if r.get("plan"):
+            out.append(format_plan(r))
+    out.append("")
+    out.append("published, not measured (ANCHORS.md, H100, relative to the unfused none):")
+    for p in PUBLISHED:
+        out.append(f"  {p.name:<44} time x {p.time_x:5.2f}  act x {p.act_x:.3f}")
+    return "\n".join(out)
+
+
+def _ranges(idx: list) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts) or "none"
+
+
+def format_plan(r: dict) -> str:
+    """The indented plan line under a planned row: k, mode, fc1 layers, p, budget, and the
+    predicted against the measured step time and memory."""
+    p = r["plan"]
+    budget = "" if p.get("budget_bytes") is None else f", budget {p['budget_bytes'] / MiB:.1f} MiB"
+    return (f"{'':>16}plan: offload first {p['offloaded_layers']} ({p['offload_mode']}), fc1 layers "
+            f"{_ranges(p['fc1_layers'])}, prefetch {p['prefetch_layers']}{budget}; predicted "
+            f"{p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, measured "
+            f"{r['step_s'] * 1e3:.2f} ms / {r['act_bytes'] / MiB:.1f} MiB "
+            f"(x{_f(r.get('step_over_predicted'), '.2f')})")
+
+
+def _fmt_dominance(items: list) -> list:
+    out = []
+    for d in items:
+        out.append(f"  vs {d['peer']} (time x {d['peer_time_x']:.2f}, act x {d['peer_act_x']:.3f}):")
+        for key, text in (("a", "(a) act <= peer and time <= peer/1.15:"),
+                          ("b", "(b) time <= peer and act <= 0.5 peer:  ")):
+            status = d.get(f"{key}_status") or ("PASS" if d[f"{key}_pass"] else "FAIL")
+            tail = ", ".join(d[f"{key}_configs"]) or d.get(f"{key}_why", "")
+            out.append(f"    {text} {status}" + (f"  {tail}" if tail else ""))
+    return out
+
+
+def format_checks(checks: dict) -> str:
+    """PASS/FAIL lines of every comparison."""
+    out = ["Pareto / dominance checks"]
+    titles = {"engine_vs_engine": "engine vs engine (all on our fused stack)",
+              "system_vs_system": "system vs system (peers on the unfused stack, ours on fused)",
+              "published": "ours vs the peers' published figures (not measured)"}
+    for key, title in titles.items():
+        if key not in checks:
+            out.append(f"{title}: not run")
+            continue
+        c = checks[key]
+        out.append(f"{title}; baseline {c['baseline']}")
+        out += _fmt_dominance(c["dominance"])
+        if "hideable" in c:
+            h = c["hideable"]
+            out.append(f"  hideable (<= {h['time_tol']:.2f}x time, >= {h['act_cut']:.0%} act cut): "
+                       f"{'PASS' if h['pass'] else 'FAIL'}" + (f"  {', '.join(h['configs'])}" if h["configs"] else ""))
+    lb = checks.get("lower_bound")
+    if lb is not None:
+        cfgs = ", ".join(f"{k} {_f(v, '.2f')}" for k, v in lb["configs"].items()) or "none run"
+        out.append(f"full offload within {lb['tol']:.2f}x of the transfer lower bound: "
+                   f"{'PASS' if lb['pass'] else 'FAIL'}  ({cfgs})")
+    return "\n".join(out)

@@ -1,0 +1,73 @@
+"""``offloaded_checkpoint``: activation checkpointing whose inputs go through offload.
+
+The forward runs ``fn`` under ``no_grad`` and saves only the tensor inputs with
+``save_for_backward``, so an active offload context moves them to the host (the
+offload + recompute strategy: one input per layer travels, the rest is recomputed).
+The backward reloads the inputs, restores the CPU and CUDA RNG states captured before
+the forward (so dropout masks match), re-runs ``fn`` with grad and back-propagates
+through it, like torch's reentrant checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+__all__ = ["offloaded_checkpoint"]
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn = fn
+        ctx.tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.had_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        ctx.devices, ctx.device_states = [], []
+        if ctx.had_cuda:
+            ctx.devices, ctx.device_states = get_device_states(*args)
+        ctx.save_for_backward(*[args[i] for i in ctx.tensor_pos])
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        args = list(ctx.args)
+        inputs = []
+        for k, (pos, t) in enumerate(zip(ctx.tensor_pos, saved)):
+            x = t.detach()
+            x.requires_grad_(ctx.needs_input_grad[pos + 1])
+            args[pos] = x
+            inputs.append(x)
+        with torch.random.fork_rng(devices=ctx.devices, enabled=True):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.had_cuda:
+                set_device_states(ctx.devices, ctx.device_states)
+            with torch.enable_grad():
+                outputs = ctx.fn(*args)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        result = [None] * (len(ctx.args) + 1)
+        for pos, x in zip(ctx.tensor_pos, inputs):
+            result[pos + 1] = x.grad if x.requires_grad else None
+        return tuple(result)
+
+
+def offloaded_checkpoint(fn, *args: Any):
+    """Checkpoint ``fn(*args)``: save only the tensor inputs (through the offload hooks
+    when a context is active), recompute ``fn`` in backward with the same RNG state.
+
+    Gradients are bitwise equal to running ``fn`` without checkpointing, given a
+    deterministic ``fn``.  Parameters used by ``fn`` receive their gradients during the
+    recomputation's inner backward.
+    """
+    if not callable(fn):
+        raise TypeError(f"offloaded_checkpoint: fn must be callable, got {type(fn).__name__}")
+    return _OffloadedCheckpoint.apply(fn, *args)

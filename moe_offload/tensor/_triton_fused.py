@@ -1,0 +1,506 @@
+"""Fused Triton kernels for FP8 current scaling (CUDA only; imported lazily).
+
+Two launches quantize a grouped ``(T, K)`` activation (plus one ``zeros`` for the amax
+scratch), instead of ~50 small torch ops:
+
+1. ``_group_amax_kernel``: one read of ``x``.  Each program reduces ``BLOCK_R`` rows
+   (all of K) to a max per row, then to a max per group it touches, and issues one
+   ``atomic_max`` per such group (usually one).  The max is taken on the int32 bits of
+   ``|x|`` in fp32: for non-negative floats the integer order is the float order, and
+   every NaN pattern sorts above ``inf``, so a group holding a NaN ends with a NaN amax
+   (the reference's rule) without a separate flag.  ``abs`` of bf16/fp16/fp32 is exact.
+2. ``_fp8_cast_kernel``: one more read of ``x``.  A program owns ``BLOCK_C`` columns of
+   the padded columnwise layout (see :mod:`.grouped_storage`) times ``BLOCK_K``
+   features.  It derives the group of each column, its source row and the group's
+   scale from the ``G`` offsets and amaxes it loads (no ``gid_T``/``src_Tc`` buffers),
+   and writes the rowwise codes of the source rows and, transposed in registers, the
+   columnwise codes.  Rows past ``offsets[-1]`` map to the columns past the last group
+   (there are always enough: ``Tc >= T + 15G``), so every row is written exactly once
+   and every padding column gets zero codes.  Program ``(0, 0)`` also writes the
+   per-group outputs (amax, ``scale_inv``, padded column offsets).  Optional outputs
+   for ``torch._scaled_grouped_mm``: ``scale_inv`` per row (1 for rows of no group) and
+   per ``(group, feature)``.
+
+Weights ``(G, N, K)`` get the same two steps with the expert as the group
+(``_weight_amax_kernel``, ``_fp8_weight_kernel``); the cast writes the rowwise codes and
+the per-expert transposed ``(G, K, N)`` codes the dgrad needs from one read.
+
+Numerics are the reference's (:func:`..formats.amax_to_scale`): ``scale = 448 / amax``
+(``div_rn``: correctly rounded, like torch's tensor/tensor division; Triton's ``/`` is
+approximate), 1 where amax is 0 or not finite, clamped to the largest fp32, optionally
+rounded down to a power of two by masking the mantissa (the scale is always a normal
+number: ``448 / fp32_max`` is); codes ``rtne(clamp(fp32(x) * scale))``;
+``scale_inv = div_rn(1, scale)`` (torch's ``reciprocal`` is IEEE division).
+Bit-identity with the torch reference is tested on the GPU
+(``tests/tensor/test_fused_cuda.py``).
+
+Concurrency: the amax scratch is zeroed on the launching stream before the atomics,
+and the cast kernel runs after the amax kernel on the same stream, so it sees the
+final maxima.  Atomics make the amax order-independent (max is exact), hence
+deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import fp8_max
+from .grouped_storage import columnwise_width
+
+__all__ = ["fp8_group_quantize_fused", "fp8_weight_quantize_fused", "MAX_FUSED_GROUPS"]
+
+from .group_quantize import MAX_FUSED_GROUPS  # noqa: E402  (one definition)
+
+
+@triton.jit
+def _groups(offs_ptr, G, BLOCK_G: tl.constexpr, COL_ALIGN: tl.constexpr):
+    """Per-group vectors from the int32 end offsets: index, mask, row start, row end,
+    size, padded column count and padded column end."""
+    g = tl.arange(0, BLOCK_G)
+    gm = g < G
+    end = tl.load(offs_ptr + g, mask=gm, other=0)
+    start = tl.load(offs_ptr + g - 1, mask=gm & (g > 0), other=0)
+    size = tl.where(gm, end - start, 0)
+    padded = (size + (COL_ALIGN - 1)) // COL_ALIGN * COL_ALIGN
+    cend = tl.cumsum(padded, 0)
+    return g, gm, start, end, size, padded, cend
+
+
+@triton.jit
+def _scale_of(bits, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
+    """fp32 scale from the int32 bits of a non-negative amax (see module docstring)."""
+    amax = bits.to(tl.float32, bitcast=True)
+    ok = (bits > 0) & (bits < 0x7F800000)  # > 0 and finite (NaN bits sort above inf)
+    one = tl.full(bits.shape, 1.0, tl.float32)
+    s = tl.math.div_rn(one * FP8_MAX, tl.where(ok, amax, one))
+    s = tl.where(ok, s, one)
+    # 448/tiny overflows to inf: keep the largest finite fp32 (on the bits: a float
+    # literal could promote the math to fp64)
+    sb = s.to(tl.int32, bitcast=True)
+    s = tl.where(sb >= 0x7F800000, 0x7F7FFFFF, sb).to(tl.float32, bitcast=True)
+    if POW2:
+        s = (s.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _amax_out(bits):
+    """fp32 amax from its bits, NaN canonicalized to the reference's NaN."""
+    return tl.where(bits > 0x7F800000, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_fp8(y, FP8_MAX: tl.constexpr, E5M2: tl.constexpr):
+    y = tl.where(y > FP8_MAX, FP8_MAX, y)  # where keeps NaN (minimum would not)
+    y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
+    if E5M2:
+        q = y.to(tl.float8e5, fp_downcast_rounding="rtne")
+    else:
+        q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return q
+
+
+@triton.jit
+def _group_amax_kernel(x_ptr, offs_ptr, amax_ptr, T, K, G,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < T
+    row = x_ptr + r[:, None].to(tl.int64) * K
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(row + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True))
+    rmax = tl.max(acc, axis=1)
+    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 1)
+    gid = tl.sum((gm[None, :] & (end[None, :] <= r[:, None])).to(tl.int32), axis=1)
+    hit = (gid[:, None] == g[None, :]) & rm[:, None]
+    gmax = tl.max(tl.where(hit, rmax[:, None], -1), axis=0)
+    tl.atomic_max(amax_ptr + g, gmax, mask=gm & (gmax >= 0))
+
+
+@triton.jit
+def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, kscale_ptr,
+                     amax_out_ptr, sinv_ptr, csinv_ptr, coffs_ptr, T, K, Tc, G,
+                     FP8_MAX: tl.constexpr, E5M2: tl.constexpr, POW2: tl.constexpr,
+                     ROWS: tl.constexpr, COLS: tl.constexpr, ROW_SCALE: tl.constexpr,
+                     K_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
+    pc = tl.program_id(0)
+    pk = tl.program_id(1)
+    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = k < K
+    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 16)
+    bits = tl.load(amax_ptr + g, mask=gm, other=0)
+    scale = _scale_of(bits, FP8_MAX, POW2)
+    sinv = tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), scale)
+    # group of each padded column; columns past the last group serve the tail rows
+    cg = tl.sum((gm[None, :] & (cend[None, :] <= c[:, None])).to(tl.int32), axis=1)
+    sel = cg[:, None] == g[None, :]
+    tail = cg >= G
+    ctot = tl.sum(padded, axis=0)
+    rtot = tl.sum(size, axis=0)
+    cstart = tl.where(tail, ctot, tl.sum(tl.where(sel, cend - padded, 0), axis=1))
+    rstart = tl.where(tail, rtot, tl.sum(tl.where(sel, start, 0), axis=1))
+    n = tl.where(tail, T - rtot, tl.sum(tl.where(sel, size, 0), axis=1))
+    s = tl.sum(tl.where(sel, scale[None, :], 0.0), axis=1)  # one non-zero term: exact
+    pos = c - cstart
+    has_src = (pos < n) & (c < Tc)
+    src = tl.where(has_src, rstart + pos, 0).to(tl.int64)
+    live = has_src & (cg < G)  # tail rows read nothing and encode as zeros
+    x = tl.load(x_ptr + src[:, None] * K + k[None, :], mask=live[:, None] & km[None, :],
+                other=0.0).to(tl.float32)
+    y = x * s[:, None]
+    if ROWS:
+        tl.store(row_ptr + src[:, None] * K + k[None, :], _to_fp8(y, FP8_MAX, E5M2),
+                 mask=has_src[:, None] & km[None, :])
+    if COLS:
+        tl.store(col_ptr + k[:, None].to(tl.int64) * Tc + c[None, :],
+                 _to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & (c < Tc)[None, :])
+    if ROW_SCALE:
+        if pk == 0:
+            rs = tl.where(tail, 1.0, tl.sum(tl.where(sel, sinv[None, :], 0.0), axis=1))
+            tl.store(rscale_ptr + src, rs, mask=has_src)
+    if K_SCALE:
+        if pc == 0:
+            ks = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32) + sinv[:, None]
+            tl.store(kscale_ptr + g[:, None] * K + k[None, :], ks, mask=gm[:, None] & km[None, :])
+    if pc == 0:
+        if pk == 0:
+            tl.store(amax_out_ptr + g, _amax_out(bits), mask=gm)
+            tl.store(sinv_ptr + g, sinv, mask=gm)
+            if COLS:
+                tl.store(csinv_ptr + g, sinv, mask=gm)
+                tl.store(coffs_ptr + g, cend, mask=gm)
+
+
+# (BLOCK_C, BLOCK_K, num_warps) of the cast kernel with / without the columnwise output
+CAST_CONFIG = {"cols": (128, 64, 8), "rows": (16, 512, 4)}
+
+
+def _block_g(G: int) -> int:
+    return max(2, triton.next_power_of_2(G))
+
+
+def group_amax_bits(x_TK: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+    """int32 bits of the per-group ``max|x|`` (fp32) of a contiguous CUDA ``(T, K)``
+    (zeros + one kernel)."""
+    T, K = x_TK.shape
+    G = offs_G.shape[0]
+    amax_bits = torch.zeros(G, dtype=torch.int32, device=x_TK.device)
+    if T > 0:
+        BLOCK_R, BLOCK_K = 16, min(512, triton.next_power_of_2(K))
+        _group_amax_kernel[(triton.cdiv(T, BLOCK_R),)](
+            x_TK, offs_G, amax_bits, T, K, G, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            BLOCK_G=_block_g(G), num_warps=4)
+    return amax_bits
+
+
+def fp8_group_quantize_fused(x_TK: torch.Tensor, offs_G: torch.Tensor, dtype: torch.dtype,
+                             power_2_scale: bool, rowwise: bool, columnwise: bool,
+                             row_scale: bool = False, k_scale: bool = False,
+                             amax_bits: Optional[torch.Tensor] = None) -> dict:
+    """FP8 current-scaling components of a contiguous CUDA ``(T, K)`` in 3 launches.
+
+    Returns a dict with the :class:`GroupedTensorStorage` components (``amax``,
+    ``rowwise_*`` / ``columnwise_*`` as requested, ``columnwise_offsets``) and, when
+    asked, ``row_scale_T`` (``scale_inv`` of each row's group, 1 for rows of no group)
+    and ``k_scale_GK`` (``scale_inv[g]`` repeated ``K`` times per group, flat).
+    ``amax_bits``: the int32 bits of the per-group amaxes when a producer kernel already
+    reduced them (then only the cast runs).
+    """
+    T, K = x_TK.shape
+    G = offs_G.shape[0]
+    dev = x_TK.device
+    Tc = columnwise_width(T, G, 16)
+    if amax_bits is None:
+        amax_bits = group_amax_bits(x_TK, offs_G)
+    f32 = dict(dtype=torch.float32, device=dev)
+    out = {"amax": torch.empty(G, **f32)}
+    scale_inv = torch.empty(G, **f32)
+    row = torch.empty(T * K, dtype=dtype, device=dev) if rowwise else None
+    col = torch.empty(K * Tc, dtype=dtype, device=dev) if columnwise else None
+    csinv = torch.empty(G, **f32) if columnwise else None
+    coffs = torch.empty(G, dtype=torch.int32, device=dev) if columnwise else None
+    rscale = torch.empty(T, **f32) if row_scale else None
+    kscale = torch.empty(G * K, **f32) if k_scale else None
+    dummy = out["amax"]
+    BLOCK_C, BLOCK_K, warps = CAST_CONFIG["cols" if columnwise else "rows"]
+    BLOCK_K = min(BLOCK_K, max(16, triton.next_power_of_2(K)))
+    grid = (triton.cdiv(Tc, BLOCK_C), triton.cdiv(K, BLOCK_K))
+    _fp8_cast_kernel[grid](
+        x_TK, offs_G, amax_bits,
+        row if row is not None else dummy, col if col is not None else dummy,
+        rscale if rscale is not None else dummy, kscale if kscale is not None else dummy,
+        out["amax"], scale_inv, csinv if csinv is not None else dummy,
+        coffs if coffs is not None else dummy, T, K, Tc, G,
+        FP8_MAX=fp8_max(dtype), E5M2=dtype == torch.float8_e5m2, POW2=power_2_scale,
+        ROWS=rowwise, COLS=columnwise, ROW_SCALE=row_scale, K_SCALE=k_scale,
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_G=_block_g(G), num_warps=warps)
+    if rowwise:
+        out["rowwise_data"], out["rowwise_scale_inv"] = row, scale_inv
+    if columnwise:
+        out["columnwise_data"], out["columnwise_scale_inv"] = col, csinv
+        out["columnwise_offsets"] = coffs
+    if row_scale:
+        out["row_scale_T"] = rscale
+    if k_scale:
+        out["k_scale_GK"] = kscale
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+@triton.jit
+def _weight_amax_kernel(w_ptr, amax_ptr, N, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < N
+    row = w_ptr + b * N * K + r[:, None].to(tl.int64) * K
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(row + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True))
+    tl.atomic_max(amax_ptr + b, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _fp8_weight_kernel(w_ptr, amax_ptr, row_ptr, t_ptr, nscale_ptr, kscale_ptr, amax_out_ptr,
+                       sinv_ptr, N, K, FP8_MAX: tl.constexpr, E5M2: tl.constexpr,
+                       POW2: tl.constexpr, TRANS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    nm = n < N
+    km = k < K
+    one = tl.arange(0, 2)  # a 2-vector holding this expert's amax bits in lane 0
+    bits = tl.load(amax_ptr + b + one, mask=one < 1, other=0)
+    scale_v = _scale_of(bits, FP8_MAX, POW2)
+    sinv_v = tl.math.div_rn(tl.full([2], 1.0, tl.float32), scale_v)
+    scale = tl.sum(tl.where(one < 1, scale_v, 0.0), axis=0)
+    sinv = tl.sum(tl.where(one < 1, sinv_v, 0.0), axis=0)
+    m = nm[:, None] & km[None, :]
+    x = tl.load(w_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :], mask=m,
+                other=0.0).to(tl.float32)
+    y = x * scale
+    tl.store(row_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :],
+             _to_fp8(y, FP8_MAX, E5M2), mask=m)
+    if TRANS:
+        tl.store(t_ptr + b * K * N + k[:, None].to(tl.int64) * N + n[None, :],
+                 _to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & nm[None, :])
+        if pn == 0:
+            tl.store(kscale_ptr + b * K + k, tl.zeros([BLOCK_K], dtype=tl.float32) + sinv, mask=km)
+    if pk == 0:
+        tl.store(nscale_ptr + b * N + n, tl.zeros([BLOCK_N], dtype=tl.float32) + sinv, mask=nm)
+        if pn == 0:
+            tl.store(amax_out_ptr + b + one, _amax_out(bits), mask=one < 1)
+            tl.store(sinv_ptr + b + one, sinv_v, mask=one < 1)
+
+
+def fp8_weight_quantize_fused(w_GNK: torch.Tensor, dtype: torch.dtype, power_2_scale: bool,
+                              transposed: bool) -> dict:
+    """Per-expert FP8 codes of a contiguous CUDA ``(G, N, K)`` weight in 3 launches.
+
+    Returns ``rowwise_data`` ``(G*N*K,)``, ``amax`` / ``scale_inv`` ``(G,)``,
+    ``n_scale_GN`` (``scale_inv`` per output row, flat) and, if ``transposed``,
+    ``w_t_GKN`` (the same codes transposed per expert) and ``k_scale_GK``.
+    """
+    G, N, K = w_GNK.shape
+    dev = w_GNK.device
+    amax_bits = torch.zeros(G, dtype=torch.int32, device=dev)
+    BLOCK_R, BLOCK_KA = 16, min(512, triton.next_power_of_2(K))
+    _weight_amax_kernel[(triton.cdiv(N, BLOCK_R), G)](w_GNK, amax_bits, N, K, BLOCK_R=BLOCK_R,
+                                                       BLOCK_K=BLOCK_KA, num_warps=4)
+    f32 = dict(dtype=torch.float32, device=dev)
+    out = {"amax": torch.empty(G, **f32), "scale_inv": torch.empty(G, **f32),
+           "rowwise_data": torch.empty(G * N * K, dtype=dtype, device=dev),
+           "n_scale_GN": torch.empty(G * N, **f32)}
+    if transposed:
+        out["w_t_GKN"] = torch.empty(G, K, N, dtype=dtype, device=dev)
+        out["k_scale_GK"] = torch.empty(G * K, **f32)
+    dummy = out["amax"]
+    BLOCK_N, BLOCK_K = 64, 64
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K), G)
+    _fp8_weight_kernel[grid](
+        w_GNK, amax_bits, out["rowwise_data"], out.get("w_t_GKN", dummy), out["n_scale_GN"],
+        out.get("k_scale_GK", dummy), out["amax"], out["scale_inv"], N, K,
+        FP8_MAX=fp8_max(dtype), E5M2=dtype == torch.float8_e5m2, POW2=power_2_scale,
+        TRANS=transposed, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------- activation
+# The fused MLP kernels below restate :mod:`moe_offload.ops._triton_act` row for row
+# (same ``_f_and_df``, same expression order, same block and warp counts, so the same
+# bits) and add the FP8 work around it:
+# - forward: from the bf16 fc1 output ``h`` and its group amax, write ``h``'s FP8 codes
+#   (saved for backward), ``out = act(h) * p`` and the group amax of ``out`` (atomics),
+#   so ``h`` is read twice (amax, this) instead of three times and ``out`` once less;
+# - backward: read ``h``'s FP8 codes directly (dequantized in registers exactly like
+#   ``GroupedTensorStorage.dequantize``: ``bf16(fp32(code) * scale_inv)``) instead of a
+#   dequantized copy, and reduce the group amaxes of ``out`` and ``d_h`` on the fly.
+from ..ops._triton_act import _ACT_ID, _BLOCK, _f_and_df  # noqa: E402  (CUDA-only module)
+
+
+@triton.jit
+def _row_group(row, offs_ptr, G, BLOCK_G: tl.constexpr):
+    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 1)
+    gid = tl.sum((gm & (end <= row)).to(tl.int32), axis=0)
+    return g, gm, gid
+
+
+@triton.jit
+def _act_fwd_fp8_kernel(h_ptr, offs_ptr, amax_h_ptr, hq_ptr, p_ptr, out_ptr, amax_o_ptr,
+                        amax_h_out_ptr, sinv_h_ptr, F, G,
+                        ACT: tl.constexpr, GATED: tl.constexpr, HAS_P: tl.constexpr,
+                        SAVE_H: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g, gm, gid = _row_group(row, offs_ptr, G, BLOCK_G)
+    X = 2 * F if GATED else F
+    p = 1.0
+    if HAS_P:
+        p = tl.load(p_ptr + row).to(tl.float32)
+    h_row = h_ptr + row * X
+    o_row = out_ptr + row * F
+    if SAVE_H:
+        hbits = tl.load(amax_h_ptr + g, mask=gm, other=0)
+        hscale = _scale_of(hbits, 448.0, False)
+        sh = tl.sum(tl.where(g == gid, hscale, 0.0), axis=0)  # 0 for rows of no group
+        q_row = hq_ptr + row * X
+        if row == 0:
+            tl.store(amax_h_out_ptr + g, _amax_out(hbits), mask=gm)
+            tl.store(sinv_h_ptr + g, tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), hscale), mask=gm)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, F, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < F
+        a = tl.load(h_row + cols, mask=m, other=0.0).to(tl.float32)
+        if SAVE_H:
+            tl.store(q_row + cols, _to_fp8(tl.where(gid < G, a, 0.0) * sh, 448.0, False), mask=m)
+        z, _ = _f_and_df(a, ACT)
+        if GATED:
+            b = tl.load(h_row + F + cols, mask=m, other=0.0).to(tl.float32)
+            if SAVE_H:
+                tl.store(q_row + F + cols, _to_fp8(tl.where(gid < G, b, 0.0) * sh, 448.0, False), mask=m)
+            z = z * b
+        o = (z * p).to(out_ptr.dtype.element_ty)
+        tl.store(o_row + cols, o, mask=m)
+        acc = tl.maximum(acc, tl.where(m, tl.abs(o.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+    tl.atomic_max(amax_o_ptr + gid, tl.max(acc, axis=0), mask=gid < G)
+
+
+def act_forward_fp8(h_TX: torch.Tensor, offs_G: torch.Tensor, probs_T: Optional[torch.Tensor],
+                    activation: str, gated: bool, save_h: bool):
+    """``(out_TF, amax_bits_out_G, h_parts)``: ``out = act(h) * p`` (bf16, the bits of
+    ``activations.act_forward``), the int32 bits of its group amaxes, and (``save_h``)
+    the FP8 rowwise components of ``h`` (``amax``, ``rowwise_data``,
+    ``rowwise_scale_inv``; E4M3, no power-of-2 rounding).  ``h`` contiguous, on CUDA."""
+    T, X = h_TX.shape
+    F = X // 2 if gated else X
+    G = offs_G.shape[0]
+    dev = h_TX.device
+    out = torch.empty(T, F, device=dev, dtype=h_TX.dtype)
+    amax_o = torch.zeros(G, dtype=torch.int32, device=dev)
+    parts = None
+    if save_h:
+        amax_h = group_amax_bits(h_TX, offs_G)
+        parts = {"amax": torch.empty(G, dtype=torch.float32, device=dev),
+                 "rowwise_data": torch.empty(T * X, dtype=torch.float8_e4m3fn, device=dev),
+                 "rowwise_scale_inv": torch.empty(G, dtype=torch.float32, device=dev)}
+    if T == 0 or F == 0:
+        return out, amax_o, parts
+    dummy = amax_o
+    _act_fwd_fp8_kernel[(T,)](
+        h_TX, offs_G, amax_h if save_h else dummy, parts["rowwise_data"] if save_h else dummy,
+        probs_T.contiguous() if probs_T is not None else h_TX, out, amax_o,
+        parts["amax"] if save_h else dummy, parts["rowwise_scale_inv"] if save_h else dummy, F, G,
+        ACT=_ACT_ID[activation], GATED=gated, HAS_P=probs_T is not None, SAVE_H=save_h,
+        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=_block_g(G), num_warps=4)
+    return out, amax_o, parts
+
+
+@triton.jit
+def _act_bwd_fp8_kernel(hq_ptr, offs_ptr, sinv_ptr, p_ptr, do_ptr, dh_ptr, out_ptr, dp_ptr,
+                        amax_o_ptr, amax_dh_ptr, F, G, stride_do,
+                        ACT: tl.constexpr, GATED: tl.constexpr, HAS_P: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g, gm, gid = _row_group(row, offs_ptr, G, BLOCK_G)
+    sv = tl.load(sinv_ptr + g, mask=gm, other=0.0)
+    s = tl.where(gid < G, tl.sum(tl.where(g == gid, sv, 0.0), axis=0), 1.0)
+    X = 2 * F if GATED else F
+    p = 1.0
+    if HAS_P:
+        p = tl.load(p_ptr + row).to(tl.float32)
+    h_row = hq_ptr + row * X
+    do_row = do_ptr + row * stride_do
+    dh_row = dh_ptr + row * X
+    o_row = out_ptr + row * F
+    hdt = dh_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    mo = tl.zeros([BLOCK], dtype=tl.int32)
+    mdh = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, F, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < F
+        a = (tl.load(h_row + cols, mask=m, other=0.0).to(tl.float32) * s).to(hdt).to(tl.float32)
+        do = tl.load(do_row + cols, mask=m, other=0.0).to(tl.float32)
+        f, df = _f_and_df(a, ACT)
+        dz = do * p
+        if GATED:
+            b = (tl.load(h_row + F + cols, mask=m, other=0.0).to(tl.float32) * s).to(hdt).to(tl.float32)
+            z = f * b
+            d1 = (dz * b * df).to(hdt)
+            d2 = (dz * f).to(hdt)
+            tl.store(dh_row + cols, d1, mask=m)
+            tl.store(dh_row + F + cols, d2, mask=m)
+            mdh = tl.maximum(mdh, tl.where(m, tl.abs(d1.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+            mdh = tl.maximum(mdh, tl.where(m, tl.abs(d2.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+        else:
+            z = f
+            d1 = (dz * df).to(hdt)
+            tl.store(dh_row + cols, d1, mask=m)
+            mdh = tl.maximum(mdh, tl.where(m, tl.abs(d1.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+        acc += tl.where(m, do * z, 0.0)
+        o = (z * p).to(out_ptr.dtype.element_ty)
+        tl.store(o_row + cols, o, mask=m)
+        mo = tl.maximum(mo, tl.where(m, tl.abs(o.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+    if HAS_P:
+        tl.store(dp_ptr + row, tl.sum(acc, axis=0).to(dp_ptr.dtype.element_ty))
+    tl.atomic_max(amax_o_ptr + gid, tl.max(mo, axis=0), mask=gid < G)
+    tl.atomic_max(amax_dh_ptr + gid, tl.max(mdh, axis=0), mask=gid < G)
+
+
+def act_backward_fp8(hq_data: torch.Tensor, h_sinv_G: torch.Tensor, offs_G: torch.Tensor,
+                     shape, h_dtype: torch.dtype, probs_T: Optional[torch.Tensor],
+                     d_out_TF: torch.Tensor, activation: str, gated: bool):
+    """``activations.act_backward(h, probs, d_out)`` with ``h`` given by its FP8 rowwise
+    codes and per-group ``scale_inv`` (same bits as on the dequantized copy), plus the
+    int32 amax bits of ``out`` and ``d_h``: ``(d_h, d_probs, out, amax_out, amax_dh)``."""
+    T, X = shape
+    F = X // 2 if gated else X
+    G = offs_G.shape[0]
+    dev = d_out_TF.device
+    d_out_TF = d_out_TF if d_out_TF.stride(-1) == 1 else d_out_TF.contiguous()
+    d_h = torch.empty(T, X, device=dev, dtype=h_dtype)
+    out = torch.empty(T, F, device=dev, dtype=h_dtype)
+    d_p = torch.empty(T, device=dev, dtype=probs_T.dtype) if probs_T is not None else None
+    amax = torch.zeros(2 * G, dtype=torch.int32, device=dev)
+    if T == 0 or F == 0:
+        if d_p is not None:
+            d_p.zero_()
+        d_h.zero_()
+        return d_h, d_p, out, amax[:G], amax[G:]
+    _act_bwd_fp8_kernel[(T,)](
+        hq_data, offs_G, h_sinv_G, probs_T.contiguous() if probs_T is not None else d_h, d_out_TF,
+        d_h, out, d_p if d_p is not None else d_h, amax[:G], amax[G:], F, G, d_out_TF.stride(0),
+        ACT=_ACT_ID[activation], GATED=gated, HAS_P=probs_T is not None,
+        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=_block_g(G), num_warps=4)
+    return d_h, d_p, out, amax[:G], amax[G:]

@@ -1,0 +1,166 @@
+"""Measurement helpers, the planner, and the bitwise flag of a whole run."""
+import pytest
+import torch
+
+from moe_offload.bench import run as bench_run
+from moe_offload.bench.config import BenchConfig
+from moe_offload.bench.measure import (capture_grads, count_saved_bytes, grads_bitwise_equal,
+                                       measure_memory, time_steps)
+from moe_offload.bench.models import make_split_sizes
+from moe_offload.bench.strategies import Runner, Strategy, plan_hideable_layers, strategy_list
+
+
+def test_grads_bitwise_equal_detects_one_ulp():
+    a = [torch.randn(4, 3), None, torch.randn(5)]
+    b = [t.clone() if t is not None else None for t in a]
+    assert grads_bitwise_equal(a, b)
+    b[2][3] = torch.nextafter(b[2][3], torch.tensor(float("inf")))
+    assert not grads_bitwise_equal(a, b)
+    assert not grads_bitwise_equal([a[0], torch.zeros(1)], [a[0], None])
+    assert not grads_bitwise_equal(a[:1], a)
+    assert not grads_bitwise_equal([a[0]], [a[0].double()])
+
+
+def test_capture_grads_copies():
+    x = torch.randn(3, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(3))
+    (x * w).sum().backward()
+    got = capture_grads(x, [w], to_cpu=True)
+    x.grad.add_(1)
+    assert not torch.equal(got[0], x.grad) and torch.equal(got[1], w.grad)
+
+
+def test_plan_hideable_layers():
+    # 55 GB/s * 13.6 ms * 0.9 = 673 MB -> 2 layers of 256 MiB.
+    assert plan_hideable_layers(256 * 2**20, 55e9, 13.6e-3, 8) == 2
+    assert plan_hideable_layers(1.0, 1e12, 1.0, 8) == 8          # capped at L
+    assert plan_hideable_layers(1e9, 1e9, 0.5, 8) == 0
+    assert plan_hideable_layers(0, 1e9, 0.0, 3) == 3
+    with pytest.raises(ValueError):
+        plan_hideable_layers(1, 0, 1, 1)
+
+
+def test_count_saved_bytes_separates_parameters():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    c = count_saved_bytes(lambda: torch.tanh(x @ w))
+    # matmul saves x and w (4*8 + 8*8 floats), tanh saves its output (4*8).
+    assert c["all_bytes"] == (32 + 64 + 32) * 4
+    assert c["activation_bytes"] == (32 + 32) * 4
+
+
+def test_time_and_memory_on_cpu():
+    x = torch.randn(64, 64, requires_grad=True)
+    fwd = lambda: torch.tanh(x @ x)  # noqa: E731
+    t = time_steps(fwd, lambda y: y.sum().backward(), 3, cuda=False)
+    assert t.step_s > 0 and len(t.all_step_s) == 3
+    m = measure_memory(fwd, lambda y: y.sum().backward(), cuda=False)
+    assert m.act_bytes >= 64 * 64 * 4  # at least the saved tanh output
+    assert m.peak_bytes >= m.act_bytes
+
+
+def test_split_sizes():
+    s = make_split_sizes(10, 4, "uniform", 0, torch.device("cpu"))
+    assert s.tolist() == [3, 3, 2, 2]
+    r = make_split_sizes(100, 4, "random", 0, torch.device("cpu"))
+    assert int(r.sum()) == 100 and r.dtype == torch.int64
+    with pytest.raises(ValueError):
+        make_split_sizes(10, 4, "zipf", 0, torch.device("cpu"))
+
+
+class _Perturbed(Runner):
+    """Scales the output by (1 + 2**-20): every gradient changes in its last bits."""
+
+    def forward(self, layers, x):
+        return super().forward(layers, x) * (1 + 2 ** -20)
+
+
+class _Copying(Runner):
+    """An honest no-op transport: copies the input first (grads must stay bitwise)."""
+
+    def forward(self, layers, x):
+        return super().forward(layers, x.clone())
+
+
+def test_run_bitwise_flag(monkeypatch):
+    base = [s for s in strategy_list(None) if s.name == "none"]
+    extra = [Strategy("perturbed", "offload", "ours", "", "none", lambda info: _Perturbed()),
+             Strategy("copying", "offload", "ours", "", "none", lambda info: _Copying())]
+    monkeypatch.setattr(bench_run, "strategy_list", lambda recipe: base + extra)
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
+                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
+    result = bench_run.run_bench(cfg)
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert rows["none"]["status"] == "ok" and rows["none"]["bitwise_equal"] is None
+    assert rows["perturbed"]["status"] == "ok" and rows["perturbed"]["bitwise_equal"] is False
+    assert rows["copying"]["status"] == "ok" and rows["copying"]["bitwise_equal"] is True
+
+
+def test_failing_strategy_is_a_row(monkeypatch):
+    def boom(info):
+        raise RuntimeError("kaboom")
+    base = [s for s in strategy_list(None) if s.name == "none"]
+    monkeypatch.setattr(bench_run, "strategy_list",
+                        lambda recipe: base + [Strategy("boom", "offload", "ours", "", "none", boom)])
+    cfg = BenchConfig(tokens=32, hidden=16, ffn=16, experts=2, layers=2, dtype="fp32", device="cpu",
+                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
+    rows = {r["strategy"]: r for r in bench_run.run_bench(cfg)["rows"]}
+    assert rows["boom"]["status"] == "error" and "kaboom" in rows["boom"]["note"]
+
+
+def test_count_saved_bytes_threshold():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    c = count_saved_bytes(lambda: torch.tanh(x @ w)[:1] * x[:1, :1], min_bytes=64)
+    assert c["activation_bytes"] > c["large_activation_bytes"] == (32 + 32) * 4
+
+
+def test_planned_runner_restores_modes_and_keeps_grads_bitwise():
+    from moe_offload.bench.models import build_stacks, make_inputs
+    from moe_offload.bench.planner import Plan
+    from moe_offload.bench.strategies import PlanInfo, PlannedRunner
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=4, dtype="fp32", device="cpu",
+                      stack="fused", recipe="none")
+    stack = build_stacks(cfg, None)["fused"]
+    x, dy = make_inputs(cfg)
+    params = stack.parameters()
+
+    def grads(runner):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        runner.begin_step()
+        runner.forward(stack.layers, x).backward(dy)
+        return capture_grads(x, params)
+
+    ref = grads(Runner())
+    info = PlanInfo(num_layers=4, cuda=False, hideable_layers=0, min_offload_bytes=1024)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, i: seen.append(m.mlp.recompute))
+             for layer in stack.layers]
+    for plan in (Plan(2, "fc1", (0, 1, 3), 2, 0.0, 0.0, 0),
+                 Plan(0, "activation", (1, 2), 0, 0.0, 0.0, 0),
+                 Plan(4, "checkpoint", (), 3, 0.0, 0.0, 0)):
+        seen.clear()
+        runner = PlannedRunner(info, plan)
+        assert grads_bitwise_equal(grads(runner), ref), plan
+        assert all(layer.mlp.recompute == "activation" for layer in stack.layers)
+        if plan.offload_mode != "checkpoint":
+            assert seen == ["fc1" if i in plan.fc1_layers else "activation" for i in range(4)]
+        d2h, h2d = runner.moved_bytes()
+        assert (d2h > 0) == (plan.offloaded_layers > 0) and d2h == h2d
+        if plan.offloaded_layers:
+            assert runner.ctx is not None and runner.prefetch_layers == plan.prefetch_layers
+    for h in hooks:
+        h.remove()
+
+
+def test_planned_rows_run_after_every_peer():
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
+                      stack="both", recipe="none", strategies=["plan@half-checkpoint"])
+    plan = [(stack, s.name) for stack, s in bench_run.plan_runs(cfg)]
+    assert plan[-1] == ("fused", "plan@half-checkpoint")
+    # needs: none, fc1_recompute and the peer itself run too, on both stacks for the peer.
+    assert {("fused", "none"), ("fused/fc1", "fc1_recompute"), ("fused", "checkpoint"),
+            ("unfused", "checkpoint"), ("unfused", "none")} <= set(plan)
+    assert ("fused", "offload_full") not in plan

@@ -1,0 +1,23 @@
+"""Shared test configuration.
+
+Tests marked ``@pytest.mark.cuda`` need a CUDA device and are skipped on CPU-only
+machines (CI).  Every piece of engine logic also has a CPU test through the
+engine's ``emulate`` mode, so a skip here never hides untested logic.
+"""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,146 @@
+"""Tests for MoE against a naive per-token loop, the aux loss, and the no-host-sync rule."""
+import pytest
+import torch
+
+from moe_offload.ops import GroupedLinear, GroupedMLP, MoE
+from ._reference import act_ref, bound_check
+
+
+def moe_loop(x, router_w, w1, w2, top_k, normalize, activation, experts_Tk=None):
+    """Naive reference: each token, each of its top-k experts, one at a time."""
+    x_TH = x.reshape(-1, x.shape[-1])
+    probs_TE = torch.softmax(x_TH @ router_w.t(), dim=-1)
+    rows = []
+    for t in range(x_TH.shape[0]):
+        if experts_Tk is None:
+            p, e = torch.topk(probs_TE[t], top_k)
+        else:
+            e = experts_Tk[t]
+            p = probs_TE[t][e]
+        if normalize:
+            p = p / p.sum()
+        y = 0
+        for j in range(top_k):
+            h = act_ref(x_TH[t:t + 1] @ w1[e[j]].t(), activation)
+            y = y + p[j] * (h @ w2[e[j]].t())
+        rows.append(y)
+    return torch.cat(rows).reshape(x.shape)
+
+
+def _params(m):
+    return [m.router.weight, m.experts.fc1_weight, m.experts.fc2_weight]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("top_k, normalize, activation", [(2, True, "swiglu"), (1, False, "gelu"),
+                                                          (3, False, "geglu")])
+def test_matches_naive_loop(dtype, tol, top_k, normalize, activation):
+    m = MoE(12, 8, 5, top_k, activation, normalize_topk=normalize, dtype=dtype)
+    x = torch.randn(2, 9, 12, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 9, 12, dtype=dtype)
+    y = m(x)
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y, [x] + _params(m), dy)
+    leaves = [t.detach().double().requires_grad_(True) for t in [x] + _params(m)]
+    y_ref = moe_loop(*leaves, top_k, normalize, activation)
+    ref_grads = torch.autograd.grad(y_ref, leaves, dy.double())
+    for a, b in zip((y,) + grads, (y_ref,) + ref_grads):
+        scale = b.abs().max().item()
+        assert (a.double() - b).abs().max().item() <= tol * scale, (a.double() - b).abs().max().item() / scale
+
+
+@pytest.mark.parametrize("coef", [1.0, 0.01])
+def test_aux_loss_formula(coef):
+    E, k = 4, 2
+    m = MoE(8, 4, E, k, aux_loss_coef=coef, dtype=torch.float64)
+    x = torch.randn(13, 8, dtype=torch.float64)
+    m(x)
+    probs = torch.softmax(x @ m.router.weight.detach().t(), dim=-1)
+    counts = [0] * E
+    for t in range(13):
+        for e in torch.topk(probs[t], k).indices.tolist():
+            counts[e] += 1
+    expected = coef * E * sum(counts[e] / (13 * k) * probs[:, e].mean().item() for e in range(E))
+    assert abs(m.aux_loss.item() - expected) < 1e-12
+    m.aux_loss.backward()   # differentiable through the mean router probs
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+
+
+def test_deterministic_and_drop_in():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.LayerNorm(16), MoE(16, 8, 4, 2))
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        x.grad = None
+        block.zero_grad()
+        y = block(x)
+        (y.square().mean() + block[1].aux_loss).backward()
+        outs.append([y.detach(), x.grad] + [p.grad for p in block.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="need 1 <= top_k <= num_experts"):
+        MoE(8, 4, 3, 4)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
+        MoE(8, 4, 3, 2)(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="unknown activation"):
+        MoE(8, 4, 3, 2, "tanh")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        MoE(8, 4, 3, 2, recipe="fp6")
+
+
+# ------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+def test_cuda_bf16_matches_reference():
+    m = MoE(64, 96, 6, 2, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = m(x)
+    grads = torch.autograd.grad(y, [x, m.experts.fc1_weight, m.experts.fc2_weight], dy)
+    _, _, e_Tk = m.route(x.detach().reshape(-1, 64))
+    e_Tk = e_Tk.cpu()
+
+    def run(dtype):
+        leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in [x] + _params(m)]
+        out = moe_loop(*leaves, 2, True, "swiglu", experts_Tk=e_Tk)
+        g = torch.autograd.grad(out, [leaves[0], leaves[2], leaves[3]], dy.cpu().to(dtype))
+        return [out.detach()] + list(g)
+
+    ours = [t.cpu() for t in (y.detach(),) + grads]
+    bound_check(ours, run(torch.bfloat16), run(torch.float64), name="moe bf16")
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync():
+    """fwd+bwd of GroupedLinear, GroupedMLP and MoE with device splits never sync the host."""
+    dev, dt = "cuda", torch.bfloat16
+    lin = GroupedLinear(4, 64, 32, device=dev, dtype=dt)
+    mlp = GroupedMLP(4, 64, 48, "swiglu", bias=True, device=dev, dtype=dt)
+    mlp_fc1 = GroupedMLP(4, 64, 48, "geglu", recompute="fc1", device=dev, dtype=dt)
+    moe = MoE(64, 48, 4, 2, device=dev, dtype=dt)
+    x = torch.randn(100, 64, device=dev, dtype=dt, requires_grad=True)
+    p = torch.rand(100, device=dev, requires_grad=True)
+    splits = torch.tensor([30, 0, 50, 20], device=dev)
+    short = torch.tensor([30, 0, 40, 20], device=dev)   # unvalidated, sums to 90 < 100
+
+    def step():
+        lin(x, splits).sum().backward()
+        lin(x, short).sum().backward()
+        mlp(x, splits, p).sum().backward()
+        mlp(x, short, p).sum().backward()
+        mlp_fc1(x, splits, p).sum().backward()
+        y = moe(x.view(4, 25, 64))
+        (y.float().sum() + moe.aux_loss).backward()
+
+    step()                      # warm-up: Triton compile, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
