@@ -2,7 +2,7 @@
 
 Stack of 8 grouped SwiGLU expert MLPs (T=16384, H=4096, F=2048, 8 experts, bf16), as in
 docs/ANCHORS.  Prints step time and post-forward memory relative to no offload.
-Run: ``PYTHONPATH=. python tests/offload/bench_offload_step.py``.
+Run: ``PYTHONPATH=. python scripts/bench_offload_step.py``.
 """
 import time
 
