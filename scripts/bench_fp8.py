@@ -241,9 +241,10 @@ def breakdown(x, w1, w2, dy, offs, iters):
     from moe_offload.tensor import _triton_fused as tf
     default = dict(tf.CAST_CONFIG)
     print("cast kernel configs (BLOCK_C, BLOCK_K, warps): quantize x rows+cols / rows only, ms")
-    for key, cfgs in (("cols", [(128, 64, 8), (64, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8),
-                                (32, 128, 4)]),
-                      ("rows", [(16, 512, 4), (8, 1024, 4), (32, 256, 4), (4, 1024, 4), (16, 1024, 8)])):
+    for key, cfgs in (("cols", [(32, 128, 4), (64, 64, 4), (32, 256, 4), (16, 256, 4), (32, 128, 2),
+                                (64, 128, 8), (16, 512, 4)]),
+                      ("rows", [(4, 1024, 4), (16, 512, 4), (2, 2048, 4), (8, 1024, 8), (1, 4096, 4),
+                                (4, 2048, 8)])):
         for cfg in cfgs:
             tf.CAST_CONFIG[key] = cfg
             ms = _median_ms(lambda: _q(x, "fp8", offs, True, key == "cols", True), iters)

@@ -64,15 +64,17 @@ class _GroupedMLPFn(torch.autograd.Function):
         y_TH = grouped_mm(a_TF, w2_GHF.transpose(1, 2), offs_out_G, zero_tail=False)
         y_TH = add_group_bias(y_TH, b2_GH, offs_G)
         saved_h = h_TX if recompute == "activation" else None
-        ctx.save_for_backward(x_TH, saved_h, probs_T, offs_G, offs_out_G, w1_GXH, b1_GX, w2_GHF)
+        ctx.save_for_backward(x_TH, saved_h, probs_T, offs_G, w1_GXH, b1_GX, w2_GHF)
         ctx.activation, ctx.recompute, ctx.covered = activation, recompute, covered
         ctx.has_b1, ctx.has_b2 = b1_GX is not None, b2_GH is not None
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
-        x_TH, h_TX, probs_T, offs_G, offs_out_G, w1_GXH, b1_GX, w2_GHF = ctx.saved_tensors
+        x_TH, h_TX, probs_T, offs_G, w1_GXH, b1_GX, w2_GHF = ctx.saved_tensors
         dy_TH = dy_TH.contiguous()
+        T = x_TH.shape[0]
+        offs_out_G = offs_G if ctx.covered else torch.cat([offs_G[:-1], offs_G.new_full((1,), T)])
         rows_end = None if ctx.covered else offs_G[-1:]
         if ctx.recompute == "fc1":
             h_TX = _fc1(x_TH, w1_GXH, b1_GX, offs_G)
@@ -110,7 +112,7 @@ class GroupedMLP(nn.Module):
         recompute: what backward recomputes instead of saving:
 
             - ``"activation"`` (default): saves ``x`` ``(T, H)`` and the fc1 output
-              ``h`` ``(T, X)`` (+ ``probs`` ``(T,)`` and two int32 offset vectors ``(G,)``);
+              ``h`` ``(T, X)`` (+ ``probs`` ``(T,)`` and the int32 offsets ``(G,)``);
               the activation is recomputed.  bf16 SwiGLU: ``2H + 4F`` bytes/token
               (+ 4 for fp32 probs).
             - ``"fc1"``: saves only ``x`` (+ ``probs``, the offsets); fc1 and the activation

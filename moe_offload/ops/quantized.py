@@ -97,7 +97,7 @@ def _fast_ok(recipe: str, x: torch.Tensor, *dims: int) -> bool:
 
 
 def _use_fused(t: torch.Tensor, num_groups: int) -> bool:
-    return t.is_cuda and num_groups <= MAX_FUSED_GROUPS
+    return t.is_cuda and t.dtype == torch.bfloat16 and num_groups <= MAX_FUSED_GROUPS
 
 
 # --------------------------------------------------------------------------- quantized operands

@@ -9,7 +9,8 @@ scratch), instead of ~50 small torch ops:
    ``|x|`` in fp32: for non-negative floats the integer order is the float order, and
    every NaN pattern sorts above ``inf``, so a group holding a NaN ends with a NaN amax
    (the reference's rule) without a separate flag.  ``abs`` of bf16/fp16/fp32 is exact.
-2. ``_fp8_cast_kernel``: one more read of ``x``.  A program owns ``BLOCK_C`` columns of
+2. ``_fp8_cast_kernel``: one more read of ``x``.  With the columnwise output, a program
+   owns ``BLOCK_C`` columns of
    the padded columnwise layout (see :mod:`.grouped_storage`) times ``BLOCK_K``
    features.  It derives the group of each column, its source row and the group's
    scale from the ``G`` offsets and amaxes it loads (no ``gid_T``/``src_Tc`` buffers),
@@ -19,7 +20,11 @@ scratch), instead of ~50 small torch ops:
    and every padding column gets zero codes.  Program ``(0, 0)`` also writes the
    per-group outputs (amax, ``scale_inv``, padded column offsets).  Optional outputs
    for ``torch._scaled_grouped_mm``: ``scale_inv`` per row (1 for rows of no group) and
-   per ``(group, feature)``.
+   per ``(group, feature)``.  Rowwise only, a program owns ``BLOCK_C`` rows instead.
+
+Inputs are bf16 (what the fast path quantizes; tested).  fp32 inputs are not routed
+here: on the H100 (Triton 3.6) the columnwise codes came out wrong for an fp32 tile
+(the register transpose of its layout), while the interpreter gave the right ones.
 
 Weights ``(G, N, K)`` get the same two steps with the expert as the group
 (``_weight_amax_kernel``, ``_fp8_weight_kernel``); the cast writes the rowwise codes and
@@ -138,19 +143,27 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
     bits = tl.load(amax_ptr + g, mask=gm, other=0)
     scale = _scale_of(bits, FP8_MAX, POW2)
     sinv = tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), scale)
-    # group of each padded column; columns past the last group serve the tail rows
-    cg = tl.sum((gm[None, :] & (cend[None, :] <= c[:, None])).to(tl.int32), axis=1)
-    sel = cg[:, None] == g[None, :]
-    tail = cg >= G
-    ctot = tl.sum(padded, axis=0)
-    rtot = tl.sum(size, axis=0)
-    cstart = tl.where(tail, ctot, tl.sum(tl.where(sel, cend - padded, 0), axis=1))
-    rstart = tl.where(tail, rtot, tl.sum(tl.where(sel, start, 0), axis=1))
-    n = tl.where(tail, T - rtot, tl.sum(tl.where(sel, size, 0), axis=1))
+    if COLS:
+        # c: padded column; columns past the last group serve the tail rows
+        cg = tl.sum((gm[None, :] & (cend[None, :] <= c[:, None])).to(tl.int32), axis=1)
+        sel = cg[:, None] == g[None, :]
+        tail = cg >= G
+        ctot = tl.sum(padded, axis=0)
+        rtot = tl.sum(size, axis=0)
+        cstart = tl.where(tail, ctot, tl.sum(tl.where(sel, cend - padded, 0), axis=1))
+        rstart = tl.where(tail, rtot, tl.sum(tl.where(sel, start, 0), axis=1))
+        n = tl.where(tail, T - rtot, tl.sum(tl.where(sel, size, 0), axis=1))
+        pos = c - cstart
+        has_src = (pos < n) & (c < Tc)
+        src = tl.where(has_src, rstart + pos, 0).to(tl.int64)
+    else:
+        # rows only: c is the row itself (grid over T, no column mapping)
+        cg = tl.sum((gm[None, :] & (end[None, :] <= c[:, None])).to(tl.int32), axis=1)
+        sel = cg[:, None] == g[None, :]
+        tail = cg >= G
+        has_src = c < T
+        src = c.to(tl.int64)
     s = tl.sum(tl.where(sel, scale[None, :], 0.0), axis=1)  # one non-zero term: exact
-    pos = c - cstart
-    has_src = (pos < n) & (c < Tc)
-    src = tl.where(has_src, rstart + pos, 0).to(tl.int64)
     live = has_src & (cg < G)  # tail rows read nothing and encode as zeros
     x = tl.load(x_ptr + src[:, None] * K + k[None, :], mask=live[:, None] & km[None, :],
                 other=0.0).to(tl.float32)
@@ -179,7 +192,7 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
 
 
 # (BLOCK_C, BLOCK_K, num_warps) of the cast kernel with / without the columnwise output
-CAST_CONFIG = {"cols": (128, 64, 8), "rows": (16, 512, 4)}
+CAST_CONFIG = {"cols": (32, 128, 4), "rows": (4, 1024, 4)}
 
 
 def _block_g(G: int) -> int:
@@ -231,7 +244,9 @@ def fp8_group_quantize_fused(x_TK: torch.Tensor, offs_G: torch.Tensor, dtype: to
     dummy = out["amax"]
     BLOCK_C, BLOCK_K, warps = CAST_CONFIG["cols" if columnwise else "rows"]
     BLOCK_K = min(BLOCK_K, max(16, triton.next_power_of_2(K)))
-    grid = (triton.cdiv(Tc, BLOCK_C), triton.cdiv(K, BLOCK_K))
+    grid = (triton.cdiv(Tc if columnwise else T, BLOCK_C), triton.cdiv(K, BLOCK_K))
+    if grid[0] == 0:
+        grid = (1, grid[1])  # program (0, 0) writes the per-group outputs
     _fp8_cast_kernel[grid](
         x_TK, offs_G, amax_bits,
         row if row is not None else dummy, col if col is not None else dummy,

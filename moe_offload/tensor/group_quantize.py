@@ -5,7 +5,7 @@ per-group amaxes from one ``aminmax`` and one ``scatter_reduce``, and the column
 (transposed, padded) layout from a per-column source-row index into a buffer whose
 width is a host-known upper bound.  The number of kernel launches does not depend on G.
 
-On CUDA, FP8 with up to :data:`MAX_FUSED_GROUPS` groups runs fused: one amax kernel and
+On CUDA, bf16 FP8 with up to :data:`MAX_FUSED_GROUPS` groups runs fused: one amax kernel and
 one kernel writing the rowwise and columnwise codes (:mod:`._triton_fused`, 3 launches
 in all, bit-identical to the reference below).  Otherwise on CUDA the FP8 code
 generation runs as two Triton kernels (:mod:`._triton_quant`, imported lazily): rowwise (gather the group scale, multiply, saturate, cast) and
@@ -257,9 +257,8 @@ def group_quantize(x_TK: torch.Tensor, quantizer, split_sizes: Optional[SplitSiz
 
 
 def _fused_ok(x_TK: torch.Tensor, num_groups: int) -> bool:
-    """The fused FP8 kernels apply (CUDA, 16/32-bit float input, not too many groups)."""
-    return (x_TK.is_cuda and x_TK.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and num_groups <= MAX_FUSED_GROUPS)
+    """The fused FP8 kernels apply (CUDA, bf16 input, not too many groups)."""
+    return x_TK.is_cuda and x_TK.dtype == torch.bfloat16 and num_groups <= MAX_FUSED_GROUPS
 
 
 def _wrap(storage: GroupedTensorStorage, quantizer):

@@ -48,11 +48,11 @@ def test_fused_group_quantize_bit_identical_to_cpu_reference(sizes, K, tail, dty
 
 def test_fused_nonfinite_and_extremes():
     T, K = 300, 64
-    x = _x(T, K, seed=1).float()
+    x = _x(T, K, seed=1)
     offs = torch.tensor([100, 200, 300], dtype=torch.int32)
     x[5, 3] = float("nan")          # group 0: NaN amax -> scale 1, NaN code
     x[150, 7] = float("inf")        # group 1: inf amax -> scale 1, saturates
-    x[250:300] = 1e-38              # group 2: tiny amax -> scale clamped to fp32 max
+    x[250:300] = 1e-38              # group 2: tiny (subnormal) amax -> scale clamped to fp32 max
     x[260, 0] = -0.0
     quant = Float8CurrentScalingQuantizer(columnwise=True)
     ref = group_quantize(x, quant, offsets=offs)
