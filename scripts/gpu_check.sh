@@ -35,6 +35,14 @@ run_step cuda_tests "$TEST_CAP" "$OUT/cuda_tests.log" $PY -m pytest tests -m cud
 run_step bench "$BENCH_CAP" "$OUT/bench.log" $PY -m moe_offload bench --preset medium \
   --iters 8 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
 
+# 3. layer speed: fused GroupedMLP vs the unfused _grouped_mm composition, and FP8 vs
+#    bf16, at the issue's shape and one larger shape  -> $OUT/layers.log
+LAYERS_CMD='for shape in "16384 4096 2048 8" "32768 4096 4096 8"; do set -- $shape;
+  echo "--- T=$1 H=$2 F=$3 E=$4";
+  $PY scripts/bench_grouped_mlp.py --tokens $1 --hidden $2 --ffn $3 --experts $4 --iters 20;
+  $PY scripts/bench_fp8.py --T $1 --H $2 --F $3 --E $4 --iters 20; done'
+run_step layers "${LAYERS_CAP:-150}" "$OUT/layers.log" env PY="$PY" bash -c "$LAYERS_CMD"
+
 echo
 echo "=== benchmark table and checks ($OUT/bench.log)"
 sed -n '/^torch /,$p' "$OUT/bench.log" | grep -v '^bench:' || tail -n 40 "$OUT/bench.log"
@@ -43,8 +51,9 @@ echo "=== summary"
 printf '%-12s %-6s %-8s %s\n' step rc seconds result
 while IFS='|' read -r name rc secs; do
   case $name in
+    layers) res=$(grep -ciE 'speedup|x bf16|ms' "$OUT/layers.log" | sed 's/$/ timing lines/') ;;
     cuda_tests) res=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/cuda_tests.log" | tail -n 1) ;;
-    bench) res=$(grep -cE 'PASS' "$OUT/bench.log" | sed 's/$/ PASS lines/'); \
+    bench) res=$(grep -cE "PASS" "$OUT/bench.log" | sed "s/$/ PASS lines/"); res="$res, $(grep -cE "IMPOSSIBLE" "$OUT/bench.log") IMPOSSIBLE lines"; \
            res="$res, $(grep -cE 'FAIL' "$OUT/bench.log") FAIL lines, $(grep -cE '\[error\]' "$OUT/bench.log") error rows" ;;
   esac
   [ "$rc" = 124 ] && res="TIMED OUT after ${secs}s; $res"

@@ -168,12 +168,19 @@ def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.
     CUDA: forward pre/post hooks on each layer and gradient hooks on each layer's output
     (they fire as that layer's backward begins) read ``memory_allocated`` after a
     synchronize (so the trace run is slower than a timed one; its shape is what matters).
+    Parameter gradients are allocated before the step, so the trace is activation memory.
     CPU: the profiler's running net host bytes."""
     if not cuda:
         series, fwd_end = _cpu_profiled_step(forward, backward)
         return {"t_s": [p[0] for p in series], "bytes": [int(p[1]) for p in series],
                 "fwd_end_s": fwd_end, "source": "cpu profiler"}
 
+    # Parameter gradients exist before the step (as after the first step of training),
+    # so the trace shows activation memory, not the weight gradients' first allocation.
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    fresh = [p for p in params if p.grad is None]
+    for p in fresh:
+        p.grad = torch.zeros_like(p)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
@@ -203,6 +210,8 @@ def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.
     finally:
         for h in handles:
             h.remove()
+        for p in fresh:
+            p.grad = None
     return {"t_s": [s[0] for s in samples], "bytes": [int(s[1]) for s in samples],
             "fwd_end_s": fwd_end, "source": "torch.cuda.memory_allocated at layer boundaries"}
 

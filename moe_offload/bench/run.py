@@ -149,11 +149,15 @@ def stack_costs(cfg: BenchConfig, base_stack: str, by_key: dict, saved_bytes: Ca
 
 
 def _peer_act_bytes(rows: list) -> dict:
-    """``{peer strategy: smallest act bytes over the stacks it ran on}``."""
+    """``{peer strategy: smallest act bytes over the stacks it ran on}``, plus ``"none"``:
+    the *largest* no-offload act bytes over the stacks (the unfused stack's when it ran:
+    half of it is the system-level "hideable" budget)."""
     out = {}
     for r in rows:
         if r["status"] == "ok" and r["strategy"] in PEER_FAMILIES:
             out[r["strategy"]] = min(out.get(r["strategy"], r["act_bytes"]), r["act_bytes"])
+        if r["status"] == "ok" and r["strategy"] == "none":
+            out["none"] = max(out.get("none", r["act_bytes"]), r["act_bytes"])
     return out
 
 

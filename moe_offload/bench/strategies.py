@@ -281,6 +281,11 @@ def _planned_rows() -> list:
                 f"plan@{tag}{peer}", "planned", "ours", "", "none", _planned_budget(peer, fraction),
                 description=f"planner's fastest plan within {what} act memory of {peer}",
                 needs=("none", "fc1_recompute", peer), after_peers=True))
+    rows.append(Strategy(
+        "plan@half-none", "planned", "ours", "", "none", _planned_budget("none", 0.5),
+        description="planner's fastest plan within half the largest no-offload act memory "
+                    "(the system-level 'hideable' point)",
+        needs=("none", "fc1_recompute"), after_peers=True))
     return rows
 
 

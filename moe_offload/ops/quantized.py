@@ -18,15 +18,36 @@ Two paths, chosen per GEMM (:func:`_fast_ok`):
   token count to be a multiple of 16 ("strides should be multiple of 16 bytes"), which
   the columnwise layout provides (groups padded with zero columns to 16, static width
   ``T + 15G``, no sync).  Gradients are E4M3 as well: the kernel takes E4M3 only.
-  Measured (``scripts/bench_fp8.py``, H100 80GB HBM3, torch 2.11, T=16384, H=4096,
-  F=2048, E=8, SwiGLU, median of 20): the FP8 GEMMs are faster (fc1 forward 0.53 vs
-  0.75 ms = 1038 vs 736 TFLOP/s; fc1 wgrad 0.62 vs 0.78 ms = 888 vs 708 TFLOP/s), but
-  the whole fwd+bwd step is **slower**: 12.3 ms vs 3.70 ms bf16 (0.30x).  The profiler
-  shows 6.3 ms of GPU time per step (2.4 ms of it GEMMs), so the step is bound by host
-  launch overhead of the unfused quantization (~50 small torch ops per
-  ``group_quantize``) and the quantization passes themselves.  The >= 1.3x target is
-  NOT met.  Next steps: one fused amax+scale+rows+cols kernel per tensor, weight
-  quantization cached across micro-batches, CUDA graphs for the small ops.
+  Quantization on this path is fused (:mod:`moe_offload.tensor._triton_fused`): per
+  activation one amax kernel and one cast kernel writing rowwise and columnwise codes
+  plus the GEMM's scale vectors; per weight one amax and one cast writing the rowwise
+  and the per-expert transposed codes; in the MLP, one kernel writes ``h``'s saved
+  codes, ``act(h) * p`` and its amax, and the backward activation kernel reads ``h``'s
+  codes directly and reduces the amaxes of ``out`` and ``d_h`` on the fly.  All codes
+  and scales are bit-identical to the torch reference (tests/tensor/test_fused_cuda.py).
+
+  Measured (``scripts/bench_fp8.py --profile``, H100 80GB HBM3, torch 2.11, T=16384,
+  H=4096, F=2048, E=8, SwiGLU, no probs; two leases, the second slower overall): fwd+bwd
+  FP8 3.99 / 4.17 ms vs bf16 3.80 / 3.93 ms (0.95x / 0.94x; 12.3 ms = 0.30x before the
+  fused kernels).  Breakdown on the first lease, each piece alone (ms): GEMMs 2.65 (fc1
+  fwd 0.54, dgrad 0.54, wgrad 0.61; fc2 0.33, 0.29, 0.35); weights 0.53 (w1 0.34, w2
+  0.20); x 0.25; fused act fwd 0.20 + amax(h) ~0.05; a rows ~0.08; dy 0.24; fused act
+  bwd 0.19; a cols ~0.12; dh ~0.20.  Host issue time 2.6 ms per step (3.5 ms on the
+  second lease): GPU-bound, but with little slack.
+
+  **Why >= 1.3x (<= 2.85 ms) is out of reach here** (arithmetic; bytes at ~3 TB/s):
+  the six FP8 GEMMs alone take 2.65 ms measured (2.38 ms even at the best 1038
+  TFLOP/s of the fc1 forward: 2474 GFLOP per step).  Quantizing the two weights needs
+  an amax read (402 MB) and a cast read + rowwise + transposed write (804 MB): 0.40 ms
+  -> 3.05 ms > 2.85 ms before any activation is touched.  The unavoidable activation
+  passes (x, dy, dh: amax 128 MB + cast 256 MB each; h: amax 128 + fused act 256; a:
+  cast 96 twice; act backward 320) add ~2.0 GB = ~0.68 ms, for a floor of ~3.7 ms
+  (1.03x) per step with per-step weight quantization, ~3.3 ms (1.14x) with the weight
+  codes reused across micro-batches.  bf16 pays none of these passes (its 3.80 ms are
+  3.36 ms of GEMMs at 736 TFLOP/s plus the activation).  Reaching 1.3x needs the
+  quantization fused into the GEMM epilogues/prologues (amax of ``h`` from the fc1
+  epilogue, codes written by the producer), which ``torch._scaled_grouped_mm`` does not
+  offer.
 - **Emulated** (MXFP8, NVFP4 everywhere; FP8 on CPU, non-bf16 inputs or feature dims
   that are not multiples of 16): quantize, dequantize to fp32, fp32 grouped GEMM.  The
   numerics are those of the format exactly (up to fp32 accumulation).
@@ -348,7 +369,7 @@ class _QuantizedGroupedMLPFn(torch.autograd.Function):
         h_TX = _add_bias(_fwd_mm(xa, w1q, offs_G, cover_G, G, X, fast1, x_TH.dtype), b1_GX, offs_G)
         if fast1 and fast2 and _use_fused(h_TX, G):
             # one kernel: h's saved FP8 codes, act(h) * p and its group amax
-            from ..tensor._triton_fused import act_forward_fp8
+            from ._triton_act_fp8 import act_forward_fp8
             h_TX = h_TX.contiguous()
             a_TF, amax_a, h_parts = act_forward_fp8(h_TX, offs_G, probs_T, activation,
                                                     is_gated(activation), need_bwd)
@@ -388,7 +409,7 @@ class _QuantizedGroupedMLPFn(torch.autograd.Function):
         amax_a = amax_dh = None
         if fast1 and fast2 and _use_fused(d_a_TF, G):
             # one kernel from h's FP8 codes (no dequantized copy), amaxes on the fly
-            from ..tensor._triton_fused import act_backward_fp8
+            from ._triton_act_fp8 import act_backward_fp8
             d_h_TX, d_probs_T, a_TF, amax_a, amax_dh = act_backward_fp8(
                 hq.rowwise_data, hq.rowwise_scale_inv, offs_G, hq.shape, dtype, probs_T, d_a_TF,
                 activation, is_gated(activation))

@@ -5,12 +5,13 @@ per-group amaxes from one ``aminmax`` and one ``scatter_reduce``, and the column
 (transposed, padded) layout from a per-column source-row index into a buffer whose
 width is a host-known upper bound.  The number of kernel launches does not depend on G.
 
-On CUDA, bf16 FP8 with up to :data:`MAX_FUSED_GROUPS` groups runs fused: one amax kernel and
-one kernel writing the rowwise and columnwise codes (:mod:`._triton_fused`, 3 launches
-in all, bit-identical to the reference below).  Otherwise on CUDA the FP8 code
-generation runs as two Triton kernels (:mod:`._triton_quant`, imported lazily): rowwise (gather the group scale, multiply, saturate, cast) and
-columnwise (the same on a gathered tile, transposed in registers; torch would need a
-gather, a mask and a slow 1-byte transpose copy).  The pure-torch code below is the
+On CUDA, bf16 FP8 with up to :data:`MAX_FUSED_GROUPS` groups runs fused: one amax
+kernel and one kernel writing the rowwise and columnwise codes (:mod:`._triton_fused`,
+3 launches in all, bit-identical to the reference below).  Otherwise on CUDA the FP8
+code generation runs as two Triton kernels (:mod:`._triton_quant`, imported lazily):
+rowwise (gather the group scale, multiply, saturate, cast) and columnwise (the same on
+a gathered tile, transposed in registers; torch would need a gather, a mask and a slow
+1-byte transpose copy).  The pure-torch code below is the
 reference and runs everywhere else.  Both compute ``fp32(x) * scale`` then clamp then
 round to nearest even, so the codes are bit-identical (tested on GPU).
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils._pytree import tree_map
 
 from .grouped_storage import COMPONENTS, GroupedTensorStorage
 
