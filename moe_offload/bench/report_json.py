@@ -18,7 +18,8 @@ Top-level keys:
   - time, seconds (medians): ``fwd_s``, ``bwd_s``, ``step_s``, and ``all_step_s``;
   - memory, bytes: ``act_bytes`` (allocated after forward minus before), ``peak_bytes``
     (CUDA: ``max_memory_allocated`` over the step, weights included), ``base_bytes``
-    (allocated at step start), ``peak_step_bytes = peak_bytes - base_bytes``,
+    (allocated at step start, parameter gradients already allocated as zeros),
+    ``peak_step_bytes = peak_bytes - base_bytes`` (activations + backward temporaries),
     ``memory_source``;
   - transfers: ``d2h_bytes``, ``h2d_bytes``, ``d2h_GBps`` (over the forward time),
     ``h2d_GBps`` (over the backward time), ``offloaded_layers``, ``engine_stats``;

@@ -279,6 +279,12 @@ def _measure(row: dict, runner, stack, x, dy, cfg: BenchConfig, cuda: bool, refs
         backward(forward())
     t = time_steps(forward, backward, cfg.iters, cuda, before)
     before()
+    # Parameter gradients exist before the memory step (as with zero_grad(set_to_none=
+    # False)), so the step peak is activations plus backward temporaries, not the first
+    # allocation of ~as many bytes of weight gradients as there are weights.  Adding
+    # into zeros leaves every gradient bit unchanged (0 + g == g).
+    for p in params:
+        p.grad = torch.zeros_like(p)
     mem = measure_memory(forward, backward, cuda)
     d2h, h2d = runner.moved_bytes()
     row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,
