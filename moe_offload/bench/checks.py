@@ -106,6 +106,8 @@ def _points(rows: Sequence[dict], owner: str, suffix: str = "", base_stack: Opti
             continue
         if r.get("bitwise_equal") is False:  # wrong gradients do not count as a config
             continue
+        if r.get("reference") and r.get("bitwise_equal") is None:
+            continue                          # nor do gradients that were never checked
         name = f"{r['stack']}:{r['strategy']}" if label_stack else r["strategy"]
         pts.append(Point(name, r["time_x" + suffix], r["act_x" + suffix]))
     return pts

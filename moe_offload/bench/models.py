@@ -70,16 +70,21 @@ class UnfusedSwiGLU(nn.Module):
 
 
 class FusedLayer(nn.Module):
-    """A :class:`GroupedMLP` bound to the stack's device split sizes: ``forward(x)``."""
+    """A :class:`GroupedMLP` bound to the stack's device offsets: ``forward(x)``.
 
-    def __init__(self, mlp: nn.Module, split_sizes_E: torch.Tensor):
+    Like the unfused stack (and like ``MoE``, which routes once per block), the int32
+    offsets are computed once on the device and shared by every layer
+    (``GroupedMLP.forward_offsets``; the split sizes sum to ``T``, so they cover every
+    row)."""
+
+    def __init__(self, mlp: nn.Module, offs_G: torch.Tensor):
         super().__init__()
         self.mlp = mlp
-        self.split_sizes_E = split_sizes_E
+        self.offs_G = offs_G
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """Grouped MLP of ``x`` with the bound split sizes."""
-        return self.mlp(x_TH, self.split_sizes_E)
+        """Grouped MLP of ``x`` on the bound offsets."""
+        return self.mlp.forward_offsets(x_TH, self.offs_G, covered=True)
 
 
 class MoELayer(nn.Module):
@@ -144,10 +149,11 @@ def build_stacks(cfg: BenchConfig, recipe: Optional[str]) -> dict:
         return stacks
 
     split_sizes_E = make_split_sizes(cfg.tokens, cfg.experts, cfg.splits, cfg.seed, device)
+    offs_G = torch.cumsum(split_sizes_E, 0).to(torch.int32)  # on the device: no sync
     base = [GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device=device, dtype=dtype)
             for _ in range(cfg.layers)]
     if cfg.stack in ("fused", "both"):
-        stacks["fused"] = Stack("fused", nn.ModuleList(FusedLayer(m, split_sizes_E) for m in base))
+        stacks["fused"] = Stack("fused", nn.ModuleList(FusedLayer(m, offs_G) for m in base))
         variants = [("fused/fc1", dict(recompute="fc1"), None)]
         if recipe is not None:
             variants.append((f"fused/{recipe}", dict(recipe=recipe), recipe))
@@ -156,10 +162,9 @@ def build_stacks(cfg: BenchConfig, recipe: Optional[str]) -> dict:
             for m in base:
                 v = GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device="meta", dtype=dtype, **kw)
                 _share_parameters(v, m)
-                layers.append(FusedLayer(v, split_sizes_E))
+                layers.append(FusedLayer(v, offs_G))
             stacks[name] = Stack(name, nn.ModuleList(layers), recipe=rec)
     if cfg.stack in ("unfused", "both"):
-        offs_G = torch.cumsum(split_sizes_E, 0).to(torch.int32)  # on the device: no sync
         layers = [UnfusedSwiGLU(m.fc1_weight.detach().transpose(1, 2).contiguous(),
                                 m.fc2_weight.detach().transpose(1, 2).contiguous(), offs_G)
                   for m in base]

@@ -4,17 +4,37 @@ The forward runs ``fn`` under ``no_grad`` and saves only the tensor inputs with
 ``save_for_backward``, so an active offload context moves them to the host (the
 offload + recompute strategy: one input per layer travels, the rest is recomputed).
 The backward reloads the inputs, restores the CPU and CUDA RNG states captured before
-the forward (so dropout masks match), re-runs ``fn`` with grad and back-propagates
-through it, like torch's reentrant checkpoint.
+the forward (so dropout masks match) and the forward's autocast state (so the same
+function is recomputed), re-runs ``fn`` with grad and back-propagates through it, like
+torch's reentrant checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 __all__ = ["offloaded_checkpoint"]
+
+
+def _autocast_state() -> list:
+    """``[(device_type, enabled, dtype, cache_enabled)]`` of CPU and CUDA autocast."""
+    state = [("cpu", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+              torch.is_autocast_cache_enabled())]
+    if torch.cuda.is_available():
+        state.append(("cuda", torch.is_autocast_enabled("cuda"),
+                      torch.get_autocast_dtype("cuda"), torch.is_autocast_cache_enabled()))
+    return state
+
+
+def _autocast_contexts(state: list) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device_type, enabled, dtype, cache in state:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                           cache_enabled=cache))
+    return stack
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -28,6 +48,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.devices, ctx.device_states = [], []
         if ctx.had_cuda:
             ctx.devices, ctx.device_states = get_device_states(*args)
+        # The recomputation must run the same function: same autocast state as now.
+        ctx.autocast = _autocast_state()
         ctx.save_for_backward(*[args[i] for i in ctx.tensor_pos])
         with torch.no_grad():
             return fn(*args)
@@ -46,7 +68,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.had_cuda:
                 set_device_states(ctx.devices, ctx.device_states)
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast_contexts(ctx.autocast):
                 outputs = ctx.fn(*args)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)

@@ -279,6 +279,8 @@ class CpuOffloadContext:
 
     def reset_stats(self) -> None:
         """Zero the cumulative counters (pool figures are current state and stay)."""
+        self._harvest_timings()
+        self._timings = []               # pending copy timings belong to the old window
         for k in self.counters:
             self.counters[k] = 0.0 if k.endswith("_seconds") else 0
         self.pool.allocs = 0
@@ -299,6 +301,10 @@ class CpuOffloadContext:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._hooks is None:
+            # Never entered (e.g. __enter__ raised inside a module pre-hook and torch
+            # still runs the post-hook): leave the active engine and hooks untouched.
+            return
         try:
             self._hooks.__exit__(exc_type, exc, tb)
         finally:
@@ -497,8 +503,12 @@ class CpuOffloadContext:
     def _unpack_obj(self, packed):
         if isinstance(packed, SavedRef):
             step = packed.record.step
-            if step is not None and not step.backward_started:
-                self._backward_started(step)      # no sync() was used for this step
+            if (step is not None and not step.backward_started
+                    and self not in _entered()):
+                # No sync() was used for this step.  An unpack *inside* the context (e.g.
+                # torch.autograd.grad for a gradient penalty within a layer) is not the
+                # backward of the step: it must not end the forward or learn model_layers.
+                self._backward_started(step)
             return packed.record.unpack(packed)
         if isinstance(packed, PackedComposite):
             inner = {name: self._unpack_obj(p) for name, p in packed.inner.items()}
@@ -522,6 +532,8 @@ class CpuOffloadContext:
 
     def _on_layer_backward(self, step: _Step, index: int) -> None:
         """Prehook body: the backward reached the output of layer ``index``."""
+        if self in _entered():
+            return     # an inner autograd.grad during the forward, not the step's backward
         t0 = time.perf_counter()
         self._backward_started(step)
         task = self.backend.graph_task_id()

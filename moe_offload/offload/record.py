@@ -168,6 +168,14 @@ class Record:
         be.wait_event(be.current_stream(), self.reload_event)
         if self.mode == COPY:
             out = view_of_storage(storage, g.dtype, 0, g.size, _contiguous_strides(g.size))
+            if g.stride != out.stride():
+                # A strided view with holes travelled as a contiguous copy.  Give it back
+                # its exact strides (a GEMM may pick another kernel for another leading
+                # dimension, and offload must not change a single bit): one device copy
+                # on the compute stream, which already waited on the reload.
+                strided = torch.empty_strided(g.size, g.stride, dtype=g.dtype, device=out.device)
+                strided.copy_(out)
+                out = strided
         else:
             out = view_of_storage(storage, g.dtype, g.rel_offset, g.size, g.stride)
         if ref.seen_gen != self.gen:

@@ -13,6 +13,8 @@ offload engine's saved-tensor hooks on its own (own events, own size threshold):
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Any, List, Sequence, Tuple
 
 import torch
@@ -61,10 +63,15 @@ def restore_from_saved(state: list, tensors: Sequence[Any]) -> tuple:
         elif kind == _TENSOR:
             out.append(tensors[pos])
         else:
-            tail = shell.restore_from_saved(tensors[pos:pos + n])
+            # Restore into a shallow copy: the shell stays tensor-free in the autograd
+            # context, so the rebuilt object (and its device tensors) dies with the
+            # backward that used it instead of living as long as the graph does.  A
+            # second restore (retain_graph) builds a fresh copy the same way.
+            obj = copy.copy(shell)
+            tail = obj.restore_from_saved(tensors[pos:pos + n])
             if tail:
                 raise ValueError(f"{type(shell).__name__}.restore_from_saved left "
                                  f"{len(tail)} of its {n} tensors unused")
-            out.append(shell)
+            out.append(obj)
         pos += n
     return tuple(out)

@@ -39,7 +39,6 @@ What ``torch._grouped_mm`` needs (found by probing; see also the tests):
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Sequence, Union
 
 import torch
@@ -56,13 +55,6 @@ _CUDA_KERNEL_DTYPES = (torch.bfloat16,)
 
 
 # ----------------------------------------------------------------------------- offsets
-# One-entry cache for device splits: a stack of layers called with the same split
-# tensor (same object, unchanged ``_version``) shares one offsets tensor, so each layer
-# neither launches its own cumsum nor keeps its own copy alive for backward.  The
-# offsets are a pure function of the splits and are never written in place afterwards.
-_OFFSETS_CACHE: dict = {}
-
-
 def split_sizes_to_offsets(split_sizes: SplitSizes, num_groups: int, num_rows: int,
                            device: torch.device, validate: bool = False) -> torch.Tensor:
     """Turn per-group row counts into int32 end offsets ``offs_G`` on ``device``.
@@ -99,17 +91,11 @@ def split_sizes_to_offsets(split_sizes: SplitSizes, num_groups: int, num_rows: i
             total = int(split_sizes.sum())
             if total != num_rows:
                 raise ValueError(f"split_sizes sum to {total}, but x has {num_rows} rows")
-        key = (split_sizes._version, num_rows)
-        cached = _OFFSETS_CACHE.get("entry")
-        if cached is not None and cached[0]() is split_sizes and cached[1] == key:
-            return cached[2]
         # Unchecked: clamp so that even bad sizes give monotonic offsets within [0, T]
         # (the kernels index memory with them; the 2D x 2D kernel asserts on a
         # decreasing offset).  Negative sizes count as 0, rows past T are dropped.
         offs_G = torch.cumsum(split_sizes.clamp(min=0), 0, dtype=torch.int32)
-        offs_G.clamp_(max=num_rows)
-        _OFFSETS_CACHE["entry"] = (weakref.ref(split_sizes), key, offs_G)
-        return offs_G
+        return offs_G.clamp_(max=num_rows)
     if not isinstance(split_sizes, (list, tuple)):
         raise TypeError(f"split_sizes must be a list of ints or an integer tensor, got {type(split_sizes).__name__}")
     if len(split_sizes) != num_groups:

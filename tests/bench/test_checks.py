@@ -118,3 +118,16 @@ def test_comparisons_floor_from_the_none_rows_and_printed():
     text = format_checks(c)
     assert "(b) time <= peer and act <= 0.5 peer:   IMPOSSIBLE  act <= 0.5 x 0.0625 = 0.0312" in text
     assert "(a) act <= peer and time <= peer/1.15: PASS  fused:offload_recompute_all" in text
+
+
+def test_unverified_rows_do_not_count():
+    """A row whose reference gradients are missing (bitwise_equal None although it has a
+    reference) is no configuration of ours; one verified bitwise is."""
+    from moe_offload.bench.checks import _points
+    base = dict(status="ok", owner="ours", base_stack="fused", stack="fused",
+                time_x=1.0, act_x=0.5)
+    rows = [dict(base, strategy="a", reference="none", bitwise_equal=None),
+            dict(base, strategy="b", reference="none", bitwise_equal=True),
+            dict(base, strategy="c", reference="none", bitwise_equal=False),
+            dict(base, strategy="d", reference=None, bitwise_equal=None)]
+    assert [p.name for p in _points(rows, "ours")] == ["b", "d"]

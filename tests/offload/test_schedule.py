@@ -304,3 +304,37 @@ def test_graph_dropped_without_backward_frees_everything():
     gc.collect()
     assert all(layer.hidden_storage() is None for layer in layers)
     assert ctx.pool.lent == 0
+
+
+def test_unpack_inside_the_context_does_not_end_the_step():
+    """torch.autograd.grad inside a layer (a gradient penalty) unpacks offloaded tensors
+    during the forward: that must neither end the step nor learn model_layers early."""
+    L = 3
+    layers = [Block() for _ in range(L)]
+    ctx, sync = get_cpu_offload_context(True, 2, **EMU)     # model_layers learned
+    x = torch.randn(16, 32, requires_grad=True)
+    for _ in range(2):
+        h = x
+        for i, layer in enumerate(layers):
+            with ctx:
+                h = layer(h)
+                if i == 1:
+                    torch.autograd.grad(h.pow(2).sum(), x, retain_graph=True)
+            h = sync(h)
+        h.sum().backward()
+        assert ctx.model_layers == L
+    assert no_saved_tensor_hooks()
+
+
+def test_failed_module_pre_hook_leaves_the_outer_context_alone():
+    """The nested-context error raised in a module pre-hook must not make the post-hook
+    exit a context that never entered (which would switch the outer one off)."""
+    outer, _ = get_cpu_offload_context(True, **EMU)
+    layers = nn.ModuleList([Block()])
+    handle = offload_module_list(layers, **EMU)
+    with outer:
+        with pytest.raises(RuntimeError, match="another enabled one is active"):
+            layers[0](torch.randn(16, 32, requires_grad=True))
+        assert is_cpu_offload_enabled()
+    handle.remove()
+    assert no_saved_tensor_hooks()

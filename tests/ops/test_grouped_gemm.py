@@ -179,19 +179,3 @@ def test_cuda_zero_empty_groups(dtype):
         assert bool((out[g] == 0).all()) if empty else bool(out[g].isnan().all())
 
 
-
-@pytest.mark.cuda
-def test_device_split_offsets_shared_until_the_splits_change():
-    """Layers called with the same device split tensor share one offsets tensor; an
-    in-place change of the splits (new ``_version``) or another tensor gives fresh ones."""
-    from moe_offload.ops._grouped_gemm import split_sizes_to_offsets
-    splits = torch.tensor([3, 0, 5], device="cuda")
-    a = split_sizes_to_offsets(splits, 3, 8, splits.device)
-    b = split_sizes_to_offsets(splits, 3, 8, splits.device)
-    assert a is b and a.tolist() == [3, 3, 8]
-    splits[1] = 1
-    splits[2] = 4
-    c = split_sizes_to_offsets(splits, 3, 8, splits.device)
-    assert c is not a and c.tolist() == [3, 4, 8]
-    assert split_sizes_to_offsets(splits.clone(), 3, 8, splits.device) is not c
-    assert split_sizes_to_offsets(splits, 3, 9, splits.device) is not c
