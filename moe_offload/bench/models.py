@@ -87,17 +87,35 @@ class FusedLayer(nn.Module):
         return self.mlp.forward_offsets(x_TH, self.offs_G, covered=True)
 
 
+class _WithAuxLoss(torch.autograd.Function):
+    """``y`` unchanged; its backward also sends gradient 1 into ``aux`` -- the same as
+    adding ``aux`` to the loss, which is what training does with ``moe.aux_loss``.  So
+    the router's graph is consumed by the step's backward instead of living on."""
+
+    @staticmethod
+    def forward(ctx, y, aux):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, torch.ones((), dtype=torch.float32, device=dy.device)
+
+
 class MoELayer(nn.Module):
-    """A full MoE block returning only its output tensor."""
+    """A full MoE block whose backward includes its load-balancing loss."""
 
     def __init__(self, moe: nn.Module):
         super().__init__()
         self.moe = moe
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The block's output (auxiliary outputs, if any, are dropped)."""
+        """The block's output; its backward also back-propagates ``moe.aux_loss``."""
         out = self.moe(x_TH)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        aux = self.moe.aux_loss
+        if aux is not None and aux.requires_grad and out.requires_grad:
+            out = _WithAuxLoss.apply(out, aux)
+        return out
 
 
 @dataclass

@@ -11,12 +11,25 @@ torch's reentrant checkpoint.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-__all__ = ["offloaded_checkpoint"]
+__all__ = ["offloaded_checkpoint", "is_recomputing"]
+
+
+_RECOMPUTING = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while :func:`offloaded_checkpoint` re-runs a function in backward.
+
+    Modules that publish a value from their forward as an attribute (``MoE.aux_loss``)
+    use it to keep the forward's value: a recomputed graph stored on a module would keep
+    the recomputation's inputs and their gradients alive until the next forward."""
+    return getattr(_RECOMPUTING, "depth", 0) > 0
 
 
 def _autocast_state() -> list:
@@ -68,8 +81,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.had_cuda:
                 set_device_states(ctx.devices, ctx.device_states)
-            with torch.enable_grad(), _autocast_contexts(ctx.autocast):
-                outputs = ctx.fn(*args)
+            _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
+            try:
+                with torch.enable_grad(), _autocast_contexts(ctx.autocast):
+                    outputs = ctx.fn(*args)
+            finally:
+                _RECOMPUTING.depth -= 1
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads)

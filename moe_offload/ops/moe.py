@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..offload.checkpoint import is_recomputing
 from .grouped_mlp import GroupedMLP
 
 __all__ = ["MoE", "load_balancing_loss"]
@@ -94,6 +95,15 @@ class MoE(nn.Module):
     After each forward ``self.aux_loss`` holds ``aux_loss_coef * E * sum_e f_e * P_e``
     (fp32 scalar, differentiable through ``P_e``; see :func:`load_balancing_loss`), to
     be added to the training loss.  Expert token counts never leave the device.
+
+    ``self.aux_loss`` keeps the router's part of the graph (its saved softmax output)
+    alive until a backward consumes it or the next forward replaces it, so add it to the
+    loss you back-propagate.  Under :func:`moe_offload.offloaded_checkpoint` the
+    recomputation in backward leaves it alone (a recomputed graph stored here would keep
+    the recomputed inputs and their gradients alive until the next forward); since that
+    checkpoint's forward runs without grad, ``aux_loss`` then carries no gradient.
+    Under ``torch.utils.checkpoint`` the recomputation sets it again: use the value read
+    right after the forward.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
@@ -127,7 +137,8 @@ class MoE(nn.Module):
         x_TH = x.reshape(-1, self.hidden_size)
         k, E = self.top_k, self.num_experts
         probs_TE, p_Tk, e_Tk = self.route(x_TH)
-        self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
+        if not is_recomputing():       # keep the forward's value (see the class docstring)
+            self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
 
         e_S = e_Tk.reshape(-1)
         order_S = torch.argsort(e_S, stable=True)

@@ -147,3 +147,36 @@ def test_offloaded_checkpoint_recomputes_under_the_forward_autocast():
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+def test_offloaded_checkpoint_of_moe_keeps_nothing_alive_after_backward():
+    """MoE publishes aux_loss as an attribute; the recomputation must not replace it
+    with a graph that holds the recomputed input and its gradient until the next
+    forward (8 such layers at T=16384, H=4096 kept 1.75 GiB alive on the H100)."""
+    import gc
+    import moe_offload
+
+    def live_bytes():
+        gc.collect()
+        seen, n = set(), 0
+        for o in gc.get_objects():
+            if type(o) is torch.Tensor:
+                s = o.untyped_storage()
+                if s.data_ptr() not in seen:
+                    seen.add(s.data_ptr())
+                    n += s.nbytes()
+        return n
+
+    torch.manual_seed(0)
+    layers = [moe_offload.MoE(64, 128, 4, 2) for _ in range(3)]
+    x = torch.randn(256, 64, requires_grad=True)
+    before = live_bytes()
+    for _ in range(2):
+        h = x
+        for layer in layers:
+            h = offloaded_checkpoint(layer, h)
+        h.sum().backward()
+        del h
+        x.grad = None
+        # only the three aux_loss scalars of the (no-grad) forward remain
+        assert live_bytes() <= before + 3 * 512
