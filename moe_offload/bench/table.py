@@ -17,13 +17,17 @@ def _f(v, fmt: str, missing: str = "-") -> str:
 
 
 def format_env(env: dict, cfg: dict) -> str:
-    """Two lines: the environment and the problem."""
+    """Two lines: the environment and the problem (and a third on the CPU)."""
     bw = env["bandwidth"]
+    note = ("" if env.get("cuda") else
+            "\nnote: CPU run, our engine in emulate mode: the figures show that every strategy runs "
+            "end to end with bitwise gradients; speed and memory targets need a CUDA GPU")
     return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
             f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
             f"model {cfg['model']} preset {cfg['preset']}: T={cfg['tokens']} H={cfg['hidden']} "
             f"F={cfg['ffn']} E={cfg['experts']} L={cfg['layers']} {cfg['dtype']} "
-            f"splits={cfg['splits']} recipe={cfg['recipe']} iters={cfg['iters']} warmup={cfg['warmup']}")
+            f"splits={cfg['splits']} recipe={cfg['recipe']} iters={cfg['iters']} warmup={cfg['warmup']}"
+            + note)
 
 
 COLUMNS = (("stack", 14, "<"), ("strategy", 22, "<"), ("owner", 8, "<"), ("step ms", 9, ">"),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-__all__ = ["offloaded_checkpoint", "is_recomputing"]
+__all__ = ["offloaded_checkpoint", "is_recomputing", "in_checkpoint_forward"]
 
 
 _RECOMPUTING = threading.local()
@@ -30,6 +30,11 @@ def is_recomputing() -> bool:
     use it to keep the forward's value: a recomputed graph stored on a module would keep
     the recomputation's inputs and their gradients alive until the next forward."""
     return getattr(_RECOMPUTING, "depth", 0) > 0
+
+
+def in_checkpoint_forward() -> bool:
+    """True while :func:`offloaded_checkpoint` runs a function's (no-grad) forward."""
+    return getattr(_RECOMPUTING, "forward_depth", 0) > 0
 
 
 def _autocast_state() -> list:
@@ -64,8 +69,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         # The recomputation must run the same function: same autocast state as now.
         ctx.autocast = _autocast_state()
         ctx.save_for_backward(*[args[i] for i in ctx.tensor_pos])
-        with torch.no_grad():
-            return fn(*args)
+        _RECOMPUTING.forward_depth = getattr(_RECOMPUTING, "forward_depth", 0) + 1
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        finally:
+            _RECOMPUTING.forward_depth -= 1
 
     @staticmethod
     def backward(ctx, *grads):

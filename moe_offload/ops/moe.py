@@ -16,12 +16,13 @@ Steps (all on the device):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..offload.checkpoint import is_recomputing
+from ..offload.checkpoint import in_checkpoint_forward, is_recomputing
 from .grouped_mlp import GroupedMLP
 
 __all__ = ["MoE", "load_balancing_loss"]
@@ -100,8 +101,9 @@ class MoE(nn.Module):
     alive until a backward consumes it or the next forward replaces it, so add it to the
     loss you back-propagate.  Under :func:`moe_offload.offloaded_checkpoint` the
     recomputation in backward leaves it alone (a recomputed graph stored here would keep
-    the recomputed inputs and their gradients alive until the next forward); since that
-    checkpoint's forward runs without grad, ``aux_loss`` then carries no gradient.
+    the recomputed inputs and their gradients alive until the next forward), and since
+    that checkpoint's forward runs without grad, ``aux_loss`` is ``None`` there (with a
+    one-time warning): a value without gradient would silently not train the router.
     Under ``torch.utils.checkpoint`` the recomputation sets it again: use the value read
     right after the forward.
     """
@@ -119,6 +121,7 @@ class MoE(nn.Module):
         self.experts = GroupedMLP(num_experts, hidden_size, ffn_hidden_size, activation, bias=False,
                                   recipe=recipe, recompute=recompute, device=device, dtype=dtype)
         self.aux_loss: Optional[torch.Tensor] = None
+        self._warned_checkpoint = False
 
     def route(self, x_TH: torch.Tensor):
         """``(probs_TE, topk_probs_Tk, topk_experts_Tk int64)``; probs in fp32 (fp64 for fp64 input)."""
@@ -137,7 +140,17 @@ class MoE(nn.Module):
         x_TH = x.reshape(-1, self.hidden_size)
         k, E = self.top_k, self.num_experts
         probs_TE, p_Tk, e_Tk = self.route(x_TH)
-        if not is_recomputing():       # keep the forward's value (see the class docstring)
+        if in_checkpoint_forward():
+            # No grad here, so a value would train nothing if added to the loss: make
+            # that loud instead of a silently missing router gradient.
+            self.aux_loss = None
+            if not self._warned_checkpoint:
+                self._warned_checkpoint = True
+                warnings.warn("MoE under offloaded_checkpoint: its forward runs without grad, so "
+                              "aux_loss is None (the load-balancing loss cannot train the router "
+                              "there); use torch.utils.checkpoint or keep this MoE outside the "
+                              "checkpointed function", RuntimeWarning, stacklevel=2)
+        elif not is_recomputing():     # keep the forward's value (see the class docstring)
             self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
 
         e_S = e_Tk.reshape(-1)

@@ -1,4 +1,6 @@
 """Repeated unpacks (retain_graph, autograd.grad twice, double backward) and checkpointing."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -173,10 +175,15 @@ def test_offloaded_checkpoint_of_moe_keeps_nothing_alive_after_backward():
     before = live_bytes()
     for _ in range(2):
         h = x
-        for layer in layers:
-            h = offloaded_checkpoint(layer, h)
+        with pytest.warns(RuntimeWarning, match="aux_loss is None") if _ == 0 else _nullctx():
+            for layer in layers:
+                h = offloaded_checkpoint(layer, h)
+        assert all(layer.aux_loss is None for layer in layers)   # loud, not silently gradless
         h.sum().backward()
         del h
         x.grad = None
-        # only the three aux_loss scalars of the (no-grad) forward remain
-        assert live_bytes() <= before + 3 * 512
+        assert live_bytes() <= before
+
+
+def _nullctx():
+    return contextlib.nullcontext()
