@@ -31,18 +31,9 @@ class Block(nn.Module):
         return a @ self.w2
 
 
-def run_stack(layers, x, ctx_kwargs=None, call=None, loss=None, retain_graph=False):
-    """Forward + backward through ``layers``; offloaded when ``ctx_kwargs`` is a dict.
-
-    Returns ``(out, grads, ctx)`` with grads = [x.grad, every param grad...].
-    """
+def forward_stack(layers, x, ctx=None, sync=None, call=None):
+    """``x`` through ``layers``; each layer inside ``ctx`` followed by ``sync`` if given."""
     call = call or (lambda layer, h: layer(h))
-    for layer in layers:
-        layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    ctx = sync = None
-    if ctx_kwargs is not None:
-        ctx, sync = get_cpu_offload_context(**ctx_kwargs)
     h = x
     for layer in layers:
         if ctx is None:
@@ -51,6 +42,21 @@ def run_stack(layers, x, ctx_kwargs=None, call=None, loss=None, retain_graph=Fal
             with ctx:
                 h = call(layer, h)
             h = sync(h)
+    return h
+
+
+def run_stack(layers, x, ctx_kwargs=None, call=None, loss=None, retain_graph=False):
+    """Forward + backward through ``layers``; offloaded when ``ctx_kwargs`` is a dict.
+
+    Returns ``(out, grads, ctx)`` with grads = [x.grad, every param grad...].
+    """
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    ctx = sync = None
+    if ctx_kwargs is not None:
+        ctx, sync = get_cpu_offload_context(**ctx_kwargs)
+    h = forward_stack(layers, x, ctx, sync, call)
     value = loss(h) if loss is not None else (h.float() ** 2).sum()
     value.backward(retain_graph=retain_graph)
     grads = [x.grad] + [p.grad.clone() for layer in layers for p in layer.parameters()

@@ -7,22 +7,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_offload.offload import get_cpu_offload_context, offloaded_checkpoint
-from tests.offload._helpers import SMALL, Block, assert_bitwise
+from tests.offload._helpers import SMALL, Block, assert_bitwise, forward_stack
 
 EMU = dict(emulate=True, min_offload_bytes=SMALL)
 
 
-def _forward(layers, x, ctx=None, sync=None, call=None):
-    call = call or (lambda layer, h: layer(h))
-    h = x
-    for layer in layers:
-        if ctx is None:
-            h = call(layer, h)
-        else:
-            with ctx:
-                h = call(layer, h)
-            h = sync(h)
-    return h
+_forward = forward_stack
 
 
 def _params(layers):
