@@ -14,7 +14,6 @@ offload engine's saved-tensor hooks on its own (own events, own size threshold):
 from __future__ import annotations
 
 import copy
-
 from typing import Any, List, Sequence, Tuple
 
 import torch
