@@ -26,7 +26,8 @@ MiB = 1 << 20
 
 
 # ------------------------------------------------------------------------- bandwidth
-def _median_seconds(fn: Callable[[], None], reps: int, cuda: bool) -> float:
+def _fastest_seconds(fn: Callable[[], None], reps: int, cuda: bool) -> float:
+    """The shortest of ``reps`` timed calls of ``fn`` (CUDA events on the GPU)."""
     times = []
     for _ in range(reps):
         if cuda:
@@ -40,7 +41,7 @@ def _median_seconds(fn: Callable[[], None], reps: int, cuda: bool) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 256 * MiB, reps: int = 7) -> dict:
@@ -63,10 +64,8 @@ def measure_bandwidth(device: torch.device, nbytes: int = 256 * MiB, reps: int =
         host.copy_(dev, non_blocking=cuda)
     if cuda:
         torch.cuda.synchronize()
-    d2h = min(_median_seconds(lambda: host.copy_(dev, non_blocking=cuda), 1, cuda)
-              for _ in range(reps))
-    h2d = min(_median_seconds(lambda: dev.copy_(host, non_blocking=cuda), 1, cuda)
-              for _ in range(reps))
+    d2h = _fastest_seconds(lambda: host.copy_(dev, non_blocking=cuda), reps, cuda)
+    h2d = _fastest_seconds(lambda: dev.copy_(host, non_blocking=cuda), reps, cuda)
     return {"bytes": n * 4, "d2h_Bps": n * 4 / d2h, "h2d_Bps": n * 4 / h2d,
             "kind": "pinned host <-> device" if cuda else "host memcpy (no device)"}
 
@@ -170,6 +169,17 @@ def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torc
     return StepMemory(int(act), int(peak), 0, "cpu profiler (net host bytes)")
 
 
+def allocate_grads(params) -> list:
+    """Give every parameter without a gradient a zero one (as ``zero_grad(set_to_none=False)``
+    leaves them), so a measured step's memory is activations, not the first allocation of
+    the weight gradients.  Adding into zeros changes no gradient bit (``0 + g == g``).
+    Returns the parameters that got one (to reset them to ``None`` afterwards)."""
+    fresh = [p for p in params if p.grad is None]
+    for p in fresh:
+        p.grad = torch.zeros_like(p)
+    return fresh
+
+
 def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.Tensor],
                  backward: Callable[[torch.Tensor], None], cuda: bool) -> dict:
     """Memory over one step sampled at layer boundaries: ``{"t_s", "bytes", "fwd_end_s"}``.
@@ -186,10 +196,7 @@ def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.
 
     # Parameter gradients exist before the step (as after the first step of training),
     # so the trace shows activation memory, not the weight gradients' first allocation.
-    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
-    fresh = [p for p in params if p.grad is None]
-    for p in fresh:
-        p.grad = torch.zeros_like(p)
+    fresh = allocate_grads(p for layer in layers for p in layer.parameters() if p.requires_grad)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()

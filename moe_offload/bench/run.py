@@ -24,8 +24,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import BenchConfig
-from .measure import (capture_grads, count_saved_bytes, grads_bitwise_equal, measure_bandwidth,
-                      measure_memory, time_steps, trace_memory)
+from .measure import (allocate_grads, capture_grads, count_saved_bytes, grads_bitwise_equal,
+                      measure_bandwidth, measure_memory, time_steps, trace_memory)
 from .models import build_stacks, make_inputs
 from .planner import LayerCosts, costs_from_measurements
 from .strategies import PEER_FAMILIES, PlanInfo, Skip, Strategy, plan_hideable_layers, strategy_list
@@ -279,12 +279,7 @@ def _measure(row: dict, runner, stack, x, dy, cfg: BenchConfig, cuda: bool, refs
         backward(forward())
     t = time_steps(forward, backward, cfg.iters, cuda, before)
     before()
-    # Parameter gradients exist before the memory step (as with zero_grad(set_to_none=
-    # False)), so the step peak is activations plus backward temporaries, not the first
-    # allocation of ~as many bytes of weight gradients as there are weights.  Adding
-    # into zeros leaves every gradient bit unchanged (0 + g == g).
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    allocate_grads(params)   # the step peak: activations + backward temporaries
     mem = measure_memory(forward, backward, cuda)
     d2h, h2d = runner.moved_bytes()
     row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,

@@ -177,5 +177,3 @@ def test_cuda_zero_empty_groups(dtype):
     gg._zero_empty_groups(out, offs)
     for g, empty in enumerate([True, False, True, False, True]):
         assert bool((out[g] == 0).all()) if empty else bool(out[g].isnan().all())
-
-
