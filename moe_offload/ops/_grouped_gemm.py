@@ -39,101 +39,16 @@ What ``torch._grouped_mm`` needs (found by probing; see also the tests):
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["split_sizes_to_offsets", "grouped_mm", "grouped_mm_wgrad", "group_row_sum",
-           "group_ids"]
+from ..tensor.row_groups import group_ids, group_sizes, live_rows
 
-SplitSizes = Union[torch.Tensor, Sequence[int]]
+__all__ = ["grouped_mm", "grouped_mm_wgrad", "group_row_sum"]
 
 _STRIDE_BYTES = 16
 # dtypes for which torch._grouped_mm on CUDA has a fast, sync-free kernel (sm90+).
 _CUDA_KERNEL_DTYPES = (torch.bfloat16,)
-
-
-# ----------------------------------------------------------------------------- offsets
-def split_sizes_to_offsets(split_sizes: SplitSizes, num_groups: int, num_rows: int,
-                           device: torch.device, validate: bool = False) -> torch.Tensor:
-    """Turn per-group row counts into int32 end offsets ``offs_G`` on ``device``.
-
-    ``split_sizes`` is a list/tuple of ints, a CPU integer tensor (both "host splits":
-    always validated, which costs nothing), or an integer tensor on ``device`` ("device
-    splits": the cumsum runs on the device; they are checked only when
-    ``validate=True``, which reads the sum back and therefore **syncs the host**).
-
-    Unchecked device splits are made memory-safe on the device: negative sizes count
-    as 0 and the offsets are clamped to ``num_rows`` (rows past the last offset are
-    then zeroed by the layers).
-
-    Raises ``TypeError`` for non-integer sizes or a tensor on another accelerator, and
-    ``ValueError`` for a wrong number of groups, negative sizes or a sum != ``num_rows``.
-    """
-    device = torch.device(device)
-    if isinstance(split_sizes, torch.Tensor):
-        if split_sizes.dtype.is_floating_point or split_sizes.dtype.is_complex \
-                or split_sizes.dtype == torch.bool:
-            raise TypeError(f"split_sizes must be an integer tensor, got dtype {split_sizes.dtype}")
-        if split_sizes.dim() != 1:
-            raise ValueError(f"split_sizes must be 1-D, got shape {tuple(split_sizes.shape)}")
-        if split_sizes.numel() != num_groups:
-            raise ValueError(f"split_sizes has {split_sizes.numel()} groups, expected num_groups={num_groups}")
-        on_host = split_sizes.device.type == "cpu"
-        if not on_host and split_sizes.device != _full_device(device):
-            raise TypeError(f"split_sizes is on {split_sizes.device} but x is on {device}")
-        if on_host:
-            return _host_offsets(split_sizes.tolist(), num_rows, device)
-        if validate:  # syncs the host: reads two booleans back
-            if bool((split_sizes < 0).any()):
-                raise ValueError("split_sizes has negative sizes")
-            total = int(split_sizes.sum())
-            if total != num_rows:
-                raise ValueError(f"split_sizes sum to {total}, but x has {num_rows} rows")
-        # Unchecked: clamp so that even bad sizes give monotonic offsets within [0, T]
-        # (the kernels index memory with them; the 2D x 2D kernel asserts on a
-        # decreasing offset).  Negative sizes count as 0, rows past T are dropped.
-        offs_G = torch.cumsum(split_sizes.clamp(min=0), 0, dtype=torch.int32)
-        return offs_G.clamp_(max=num_rows)
-    if not isinstance(split_sizes, (list, tuple)):
-        raise TypeError(f"split_sizes must be a list of ints or an integer tensor, got {type(split_sizes).__name__}")
-    if len(split_sizes) != num_groups:
-        raise ValueError(f"split_sizes has {len(split_sizes)} groups, expected num_groups={num_groups}")
-    for s in split_sizes:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise TypeError(f"split_sizes must contain ints, got {type(s).__name__}")
-    return _host_offsets(list(split_sizes), num_rows, device)
-
-
-def _full_device(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _host_offsets(sizes: list, num_rows: int, device: torch.device) -> torch.Tensor:
-    if any(s < 0 for s in sizes):
-        raise ValueError(f"split_sizes has negative sizes: {sizes}")
-    if sum(sizes) != num_rows:
-        raise ValueError(f"split_sizes sum to {sum(sizes)}, but x has {num_rows} rows")
-    offs, acc = [], 0
-    for s in sizes:
-        acc += s
-        offs.append(acc)
-    return torch.tensor(offs, dtype=torch.int32).to(device, non_blocking=True)
-
-
-def group_ids(offs_G: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Group index of each row, ``(T,)`` int64 on the device; rows past ``offs[-1]`` get ``G``."""
-    rows = torch.arange(num_rows, device=offs_G.device, dtype=offs_G.dtype)
-    return torch.searchsorted(offs_G, rows, right=True)
-
-
-def _valid_rows(offs_G: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``(T, 1)`` bool: row lies before ``offs[-1]``."""
-    rows = torch.arange(num_rows, device=offs_G.device, dtype=offs_G.dtype)
-    return (rows < offs_G[-1]).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -173,10 +88,13 @@ def _cuda_capability(index) -> tuple:
 
 
 def _pad_2d(a_TK: torch.Tensor, k_to: int) -> torch.Tensor:
-    """Row-major ``(T, k_to)`` copy/view of ``a`` with an aligned row stride."""
+    """Row-major ``(T, k_to)`` copy/view of ``a`` with an aligned row stride.
+
+    Rows that overlap (a broadcast ``x.expand(T, K)`` has row stride 0) are copied:
+    the kernels reject such strides."""
     T, K = a_TK.shape
     al = _align(a_TK.dtype)
-    if K == k_to and a_TK.stride(1) == 1 and a_TK.stride(0) % al == 0 \
+    if K == k_to and a_TK.stride(1) == 1 and a_TK.stride(0) % al == 0 and a_TK.stride(0) >= K \
             and a_TK.data_ptr() % _STRIDE_BYTES == 0:
         return a_TK
     return F.pad(a_TK, (0, k_to - K)).contiguous()
@@ -256,7 +174,7 @@ def grouped_mm(a_TK: torch.Tensor, b_GKN: torch.Tensor, offs_G: torch.Tensor,
     if n_to != N:
         out = out[:, :N]
     if zero_tail:
-        out = torch.where(_valid_rows(offs_G, T), out, out.new_zeros(()))
+        out = torch.where(live_rows(offs_G[-1:], T), out, out.new_zeros(()))
     return out
 
 
@@ -292,8 +210,7 @@ def _zero_empty_groups(out_GKN: torch.Tensor, offs_G: torch.Tensor) -> torch.Ten
     if out_GKN.is_cuda and out_GKN.is_contiguous():
         from ._triton_act import triton_zero_empty_groups_
         return triton_zero_empty_groups_(out_GKN, offs_G)
-    sizes_G = torch.diff(offs_G, prepend=offs_G.new_zeros(1))
-    return torch.where((sizes_G > 0).view(-1, 1, 1), out_GKN, out_GKN.new_zeros(()))
+    return torch.where((group_sizes(offs_G) > 0).view(-1, 1, 1), out_GKN, out_GKN.new_zeros(()))
 
 
 def group_row_sum(x_TN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:

@@ -12,33 +12,32 @@ import torch
 from torch import nn
 
 from ..offload.marks import mark_not_offload, start_offload
-from ._grouped_gemm import (SplitSizes, group_ids, group_row_sum, grouped_mm, grouped_mm_wgrad,
-                            split_sizes_to_offsets, _valid_rows)
+from ..tensor.row_groups import SplitSizes, group_ids, live_rows, offsets_from_splits
+from ._grouped_gemm import group_row_sum, grouped_mm, grouped_mm_wgrad
+from .checks import check_grouped_input, check_int
 
 __all__ = ["GroupedLinear", "RECIPES", "check_recipe", "check_grouped_input"]
 
 RECIPES = ("fp8", "mxfp8", "nvfp4")
 
 
-def check_recipe(recipe: Optional[str]) -> Optional[str]:
-    """Return ``recipe`` if it is ``None`` or one of :data:`RECIPES`, else raise."""
+BLOCK = {"fp8": 1, "mxfp8": 32, "nvfp4": 16}
+
+
+def check_recipe(recipe: Optional[str], **features: int) -> Optional[str]:
+    """Return ``recipe`` if it is ``None`` or one of :data:`RECIPES`, else raise.
+
+    ``features``: name -> size of each dimension the recipe quantizes in blocks; each
+    must be a multiple of the recipe's block (MXFP8 32, NVFP4 16), else ``ValueError``
+    naming it (caught at construction, not mid-backward)."""
     if recipe is not None and recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected None or one of {RECIPES}")
+    block = BLOCK.get(recipe, 1)
+    for name, size in features.items():
+        if size % block:
+            raise ValueError(f"recipe {recipe!r} quantizes in blocks of {block}: {name} must be a "
+                             f"multiple of {block}, got {size}")
     return recipe
-
-
-def check_grouped_input(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> None:
-    """Raise ``TypeError``/``ValueError`` if ``x`` cannot feed a grouped layer."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (T, {in_features}), got shape {tuple(x.shape)}")
-    if x.shape[1] != in_features:
-        raise ValueError(f"x has {x.shape[1]} features, expected in_features={in_features}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if x.device != weight.device:
-        raise TypeError(f"x device {x.device} does not match weight device {weight.device}")
 
 
 def add_group_bias(y_TN: torch.Tensor, bias_GN: Optional[torch.Tensor], offs_G: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class _GroupedLinearFn(torch.autograd.Function):
         y_TN = grouped_mm(x_TK, weight_GNK.transpose(1, 2), offs_G, zero_tail=False)
         y_TN = add_group_bias(y_TN, bias_GN, offs_G)
         if not covered:
-            y_TN = torch.where(_valid_rows(offs_G, y_TN.shape[0]), y_TN, y_TN.new_zeros(()))
+            y_TN = torch.where(live_rows(offs_G[-1:], y_TN.shape[0]), y_TN, y_TN.new_zeros(()))
         ctx.save_for_backward(x_TK, weight_GNK, offs_G)
         ctx.has_bias = bias_GN is not None
         ctx.covered = covered
@@ -107,10 +106,11 @@ class GroupedLinear(nn.Module):
     def __init__(self, num_groups: int, in_features: int, out_features: int, bias: bool = True,
                  *, recipe: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        if num_groups < 1 or in_features < 1 or out_features < 1:
-            raise ValueError("num_groups, in_features and out_features must be >= 1")
+        check_int("num_groups", num_groups)
+        check_int("in_features", in_features)
+        check_int("out_features", out_features)
         self.num_groups, self.in_features, self.out_features = num_groups, in_features, out_features
-        self.recipe = check_recipe(recipe)
+        self.recipe = check_recipe(recipe, in_features=in_features, out_features=out_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_groups, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_groups, out_features, **kw)) if bias else None
@@ -129,7 +129,8 @@ class GroupedLinear(nn.Module):
         """Grouped ``x @ weight[g].T + bias[g]`` -> ``(T, out_features)``."""
         check_grouped_input(x, self.weight, self.in_features)
         host = not (isinstance(split_sizes, torch.Tensor) and split_sizes.device.type != "cpu")
-        offs_G = split_sizes_to_offsets(split_sizes, self.num_groups, x.shape[0], x.device, validate)
+        offs_G = offsets_from_splits(split_sizes, x.shape[0], x.device, num_groups=self.num_groups,
+                                     validate=validate)
         if self.recipe is not None:
             from .quantized import quantized_grouped_linear
             return quantized_grouped_linear(x, offs_G, self.weight, self.bias, self.recipe)

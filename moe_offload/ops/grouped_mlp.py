@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ..offload.marks import mark_not_offload, start_offload
-from ._grouped_gemm import (SplitSizes, group_row_sum, grouped_mm, grouped_mm_wgrad,
-                            split_sizes_to_offsets)
+from ..tensor.row_groups import SplitSizes, cover_all_rows, offsets_from_splits
+from ._grouped_gemm import group_row_sum, grouped_mm, grouped_mm_wgrad
 from .activations import act_backward, act_forward, check_activation, is_gated
-from .grouped_linear import add_group_bias, check_grouped_input, check_recipe
+from .checks import check_grouped_input, check_int
+from .grouped_linear import add_group_bias, check_recipe
 
 __all__ = ["GroupedMLP", "RECOMPUTE_MODES"]
 
@@ -56,7 +57,7 @@ class _GroupedMLPFn(torch.autograd.Function):
         start_offload(x_TH, probs_T)
         T = x_TH.shape[0]
         rows_end = None if covered else offs_G[-1:]
-        offs_out_G = offs_G if covered else torch.cat([offs_G[:-1], offs_G.new_full((1,), T)])
+        offs_out_G = offs_G if covered else cover_all_rows(offs_G, T)
         h_TX = _fc1(x_TH, w1_GXH, b1_GX, offs_G)
         if recompute == "activation":
             start_offload(h_TX)
@@ -74,7 +75,7 @@ class _GroupedMLPFn(torch.autograd.Function):
         x_TH, h_TX, probs_T, offs_G, w1_GXH, b1_GX, w2_GHF = ctx.saved_tensors
         dy_TH = dy_TH.contiguous()
         T = x_TH.shape[0]
-        offs_out_G = offs_G if ctx.covered else torch.cat([offs_G[:-1], offs_G.new_full((1,), T)])
+        offs_out_G = offs_G if ctx.covered else cover_all_rows(offs_G, T)
         rows_end = None if ctx.covered else offs_G[-1:]
         if ctx.recompute == "fc1":
             h_TX = _fc1(x_TH, w1_GXH, b1_GX, offs_G)
@@ -133,12 +134,13 @@ class GroupedMLP(nn.Module):
                  activation: str = "swiglu", bias: bool = False, *, recipe: Optional[str] = None,
                  recompute: str = "activation", device=None, dtype=None):
         super().__init__()
-        if num_groups < 1 or hidden_size < 1 or ffn_hidden_size < 1:
-            raise ValueError("num_groups, hidden_size and ffn_hidden_size must be >= 1")
+        check_int("num_groups", num_groups)
+        check_int("hidden_size", hidden_size)
+        check_int("ffn_hidden_size", ffn_hidden_size)
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"unknown recompute {recompute!r}; expected one of {RECOMPUTE_MODES}")
         self.activation = check_activation(activation)
-        self.recipe = check_recipe(recipe)
+        self.recipe = check_recipe(recipe, hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size)
         self.recompute = recompute
         self.num_groups, self.hidden_size, self.ffn_hidden_size = num_groups, hidden_size, ffn_hidden_size
         X = 2 * ffn_hidden_size if is_gated(activation) else ffn_hidden_size
@@ -176,7 +178,8 @@ class GroupedMLP(nn.Module):
         check_grouped_input(x, self.fc1_weight, self.hidden_size)
         probs_T = self._check_probs(probs, x)
         host = not (isinstance(split_sizes, torch.Tensor) and split_sizes.device.type != "cpu")
-        offs_G = split_sizes_to_offsets(split_sizes, self.num_groups, x.shape[0], x.device, validate)
+        offs_G = offsets_from_splits(split_sizes, x.shape[0], x.device, num_groups=self.num_groups,
+                                     validate=validate)
         return self.forward_offsets(x, offs_G, probs_T, covered=host or validate)
 
     def forward_offsets(self, x_TH: torch.Tensor, offs_G: torch.Tensor,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..offload.checkpoint import in_checkpoint_forward, is_recomputing
+from .checks import check_int
 from .grouped_mlp import GroupedMLP
 
 __all__ = ["MoE", "load_balancing_loss"]
@@ -75,7 +76,8 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_Tk: torch.Tensor, num_ex
     counts_E = torch.zeros(num_experts, device=slots.device, dtype=probs_TE.dtype)
     counts_E.scatter_add_(0, slots, torch.ones_like(slots, dtype=probs_TE.dtype))
     f_E = counts_E / max(slots.numel(), 1)
-    P_E = probs_TE.mean(0)
+    # T = 0: sum (zeros, still in the graph) instead of a 0/0 mean
+    P_E = probs_TE.mean(0) if probs_TE.shape[0] else probs_TE.sum(0)
     return num_experts * (f_E * P_E).sum()
 
 
@@ -113,7 +115,11 @@ class MoE(nn.Module):
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
                  recompute: str = "activation", device=None, dtype=None):
         super().__init__()
-        if num_experts < 1 or not 1 <= top_k <= num_experts:
+        check_int("hidden_size", hidden_size)
+        check_int("ffn_hidden_size", ffn_hidden_size)
+        check_int("num_experts", num_experts)
+        check_int("top_k", top_k)
+        if not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
@@ -137,6 +143,11 @@ class MoE(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape (..., {self.hidden_size}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        w = self.router.weight
+        if x.dtype != w.dtype:
+            raise TypeError(f"x dtype {x.dtype} does not match the MoE parameters' dtype {w.dtype}")
+        if x.device != w.device:
+            raise TypeError(f"x device {x.device} does not match the MoE parameters' device {w.device}")
         x_TH = x.reshape(-1, self.hidden_size)
         k, E = self.top_k, self.num_experts
         probs_TE, p_Tk, e_Tk = self.route(x_TH)

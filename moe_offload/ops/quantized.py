@@ -81,7 +81,8 @@ from ..offload.marks import mark_not_offload, start_offload
 from ..offload.saving import prepare_for_saving, restore_from_saved
 from ..tensor.formats import amax_to_scale
 from ..tensor.group_quantize import MAX_FUSED_GROUPS, fp8_weight_transposed, group_quantize
-from ..tensor.grouped_storage import GroupedTensorStorage, row_group_ids
+from ..tensor.grouped_storage import GroupedTensorStorage
+from ..tensor.row_groups import group_ids as row_group_ids
 from ..tensor.quantizers import Float8CurrentScalingQuantizer, MXFP8Quantizer, NVFP4Quantizer
 from ._grouped_gemm import group_row_sum, grouped_mm, grouped_mm_wgrad
 from .activations import act_backward, act_forward, check_activation, is_gated

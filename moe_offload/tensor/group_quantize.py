@@ -17,40 +17,18 @@ round to nearest even, so the codes are bit-identical (tested on GPU).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from . import formats
-from .grouped_storage import COL_ALIGN, GroupedTensorStorage, columnwise_width, row_group_ids
+from .grouped_storage import COL_ALIGN, GroupedTensorStorage, columnwise_width
 from .quantizers import Quantizer
+from .row_groups import SplitSizes, group_ids, group_sizes, offsets_from_splits
 
-__all__ = ["group_quantize", "offsets_from_splits", "fp8_weight_transposed"]
-
-SplitSizes = Union[torch.Tensor, Sequence[int]]
+__all__ = ["group_quantize", "fp8_weight_transposed"]
 # The fused kernels hold (columns x groups) tiles per program; past this, the unfused path.
 MAX_FUSED_GROUPS = 256
-
-
-def offsets_from_splits(split_sizes: SplitSizes, num_rows: int, device) -> torch.Tensor:
-    """int32 end offsets on ``device``.  Host lists are validated (free); device tensors
-    are only cumsum'ed on the device (not validated: that would sync)."""
-    if isinstance(split_sizes, torch.Tensor):
-        if split_sizes.dtype.is_floating_point or split_sizes.dtype == torch.bool:
-            raise TypeError(f"split_sizes must be an integer tensor, got {split_sizes.dtype}")
-        if split_sizes.dim() != 1:
-            raise ValueError(f"split_sizes must be 1-D, got shape {tuple(split_sizes.shape)}")
-        if split_sizes.device.type == "cpu" and torch.device(device).type != "cpu":
-            split_sizes = split_sizes.to(device, non_blocking=True)
-        return torch.cumsum(split_sizes, 0, dtype=torch.int32).to(device)
-    sizes = list(split_sizes)
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
-        raise TypeError("split_sizes must be a list of ints or an integer tensor")
-    if any(s < 0 for s in sizes):
-        raise ValueError(f"split_sizes has negative sizes: {sizes}")
-    if sum(sizes) != num_rows:
-        raise ValueError(f"split_sizes sum to {sum(sizes)}, but x has {num_rows} rows")
-    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
 
 
 def group_amax(x_TK: torch.Tensor, gid_T: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -75,11 +53,11 @@ def _column_sources(offs_G: torch.Tensor, coffs_G: torch.Tensor, Tc: int):
     """``(src_Tc, cgid_Tc)``: source row of each padded column (-1 for padding) and
     the column's group (``G`` past the last group)."""
     zero = offs_G.new_zeros(1)
-    sizes_G = torch.diff(offs_G, prepend=zero)
+    sizes_G = group_sizes(offs_G)
     start_G1 = torch.cat([offs_G - sizes_G, zero]).long()
     size_G1 = torch.cat([sizes_G, zero]).long()
     cstart_G1 = torch.cat([torch.cat([zero, coffs_G[:-1]]), coffs_G[-1:]]).long()
-    cgid = row_group_ids(coffs_G, Tc)
+    cgid = group_ids(coffs_G, Tc)
     pos = torch.arange(Tc, device=offs_G.device) - cstart_G1[cgid]
     valid = pos < size_G1[cgid]
     return torch.where(valid, start_G1[cgid] + pos, torch.full_like(pos, -1)), cgid
@@ -164,14 +142,19 @@ def nvfp4_blocks(x_RC: torch.Tensor, s_enc_blk: torch.Tensor):
 
 
 def group_quantize(x_TK: torch.Tensor, quantizer, split_sizes: Optional[SplitSizes] = None, *,
-                   offsets: Optional[torch.Tensor] = None):
+                   offsets: Optional[torch.Tensor] = None, validate: bool = False):
     """Quantize the row groups of ``x_TK`` with ``quantizer``; no host sync.
 
     Args:
         x_TK: 2-D floating tensor.
         quantizer: one of the quantizer dataclasses.
-        split_sizes: rows per group (host list, or integer tensor on the device).
+        split_sizes: rows per group: a host list / CPU integer tensor (always checked:
+            ``ValueError`` for a negative size or a sum != ``T``), or an integer tensor on
+            ``x``'s device (checked only with ``validate=True``, which syncs the host;
+            unchecked, negative sizes count as 0 and the offsets are clamped to ``T``).
+            The rule of :func:`moe_offload.tensor.row_groups.offsets_from_splits`.
         offsets: alternatively, int32 end offsets on ``x``'s device (trusted as given).
+        validate: check device ``split_sizes`` (syncs).
 
     Returns a :class:`GroupedTensorStorage` (``quantizer.internal``) or a
     :class:`GroupedTensor`.  Rows past the last offset encode as zeros.
@@ -191,7 +174,10 @@ def group_quantize(x_TK: torch.Tensor, quantizer, split_sizes: Optional[SplitSiz
                          f"{block}, got {K}")
     if (split_sizes is None) == (offsets is None):
         raise ValueError("group_quantize: pass exactly one of split_sizes and offsets")
-    offs_G = offsets_from_splits(split_sizes, T, x_TK.device) if offsets is None else offsets
+    if offsets is None:
+        offs_G = offsets_from_splits(split_sizes, T, x_TK.device, validate=validate)
+    else:
+        offs_G = offsets
     if offs_G.dtype != torch.int32 or offs_G.dim() != 1 or offs_G.numel() == 0:
         raise ValueError("group_quantize: offsets must be a non-empty 1-D int32 tensor")
     G = offs_G.shape[0]
@@ -208,12 +194,12 @@ def group_quantize(x_TK: torch.Tensor, quantizer, split_sizes: Optional[SplitSiz
                                           fp8_dtype=quantizer.dtype, **parts), quantizer)
     col_align = COL_ALIGN[fmt]
     Tc = columnwise_width(T, G, col_align)
-    gid_T = row_group_ids(offs_G, T)
+    gid_T = group_ids(offs_G, T)
     valid_T1 = (gid_T < G).unsqueeze(1)
     parts = {"offsets": offs_G}
     need_cols = quantizer.columnwise
     if need_cols:
-        sizes_G = torch.diff(offs_G, prepend=offs_G.new_zeros(1))
+        sizes_G = group_sizes(offs_G)
         coffs_G = torch.cumsum((sizes_G + (col_align - 1)) // col_align * col_align, 0, dtype=torch.int32)
         parts["columnwise_offsets"] = coffs_G
         src_Tc, cgid_Tc = _column_sources(offs_G, coffs_G, Tc)

@@ -44,6 +44,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import formats
+from .row_groups import group_ids, group_sizes
 
 __all__ = ["GroupedTensorStorage", "GroupSlice", "COMPONENTS", "FORMATS"]
 
@@ -60,22 +61,16 @@ def columnwise_width(num_rows: int, num_groups: int, col_align: int) -> int:
     return (n + col_align - 1) // col_align * col_align
 
 
-def row_group_ids(offs_G: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Group of each row (int64, device); rows past ``offs[-1]`` get ``G``."""
-    rows = torch.arange(num_rows, device=offs_G.device, dtype=offs_G.dtype)
-    return torch.searchsorted(offs_G, rows, right=True)
-
-
 def padded_column_map(offs_G: torch.Tensor, num_rows: int, col_align: int, Tc: int
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dest_T, coffs_G)``: column of each row in the padded transposed layout, and the
     padded end offsets.  Rows past ``offs[-1]`` map to the last column ``Tc-1``, which no
     group uses when such rows exist (see module docstring); callers write zeros there."""
-    sizes_G = torch.diff(offs_G, prepend=offs_G.new_zeros(1))
+    sizes_G = group_sizes(offs_G)
     padded_G = (sizes_G + (col_align - 1)) // col_align * col_align
     coffs_G = torch.cumsum(padded_G, 0, dtype=torch.int32)
     shift_G = (coffs_G - padded_G) - (offs_G - sizes_G)  # new start - old start
-    gid_T = row_group_ids(offs_G, num_rows)
+    gid_T = group_ids(offs_G, num_rows)
     shift_T = torch.cat([shift_G, shift_G.new_zeros(1)])[gid_T].long()
     rows_T = torch.arange(num_rows, device=offs_G.device, dtype=torch.int64)
     G = offs_G.shape[0]
@@ -139,7 +134,7 @@ class GroupedTensorStorage:
     @property
     def split_sizes(self) -> torch.Tensor:
         """Rows per group, int32 device tensor (no sync)."""
-        return torch.diff(self.offsets, prepend=self.offsets.new_zeros(1))
+        return group_sizes(self.offsets)
 
     def _codes_per_row(self, k: int) -> int:
         return k // 2 if self.fmt == "nvfp4" else k
@@ -179,11 +174,14 @@ class GroupedTensorStorage:
         R = data.shape[0]
         if self.fmt == "fp8":
             return data.to(cdt)
+        # explicit sizes, not -1: R may be 0 (an empty batch)
         if self.fmt == "mxfp8":
-            v = data.to(cdt).view(R, -1, 32) * formats.e8m0_to_scale_inv(scale).to(cdt).unsqueeze(-1)
-            return v.view(R, -1)
-        v = formats.e2m1_decode(formats.unpack_nibbles(data)).to(cdt).view(R, -1, 16)
-        return (v * scale.to(cdt).unsqueeze(-1)).view(R, -1)
+            C = data.shape[1]
+            v = data.to(cdt).view(R, C // 32, 32) * formats.e8m0_to_scale_inv(scale).to(cdt).unsqueeze(-1)
+            return v.view(R, C)
+        C = 2 * data.shape[1]
+        v = formats.e2m1_decode(formats.unpack_nibbles(data)).to(cdt).view(R, C // 16, 16)
+        return (v * scale.to(cdt).unsqueeze(-1)).view(R, C)
 
     def _group_factor(self, gid: torch.Tensor, cdt: torch.dtype) -> Optional[torch.Tensor]:
         """Per-index group factor: FP8 ``scale_inv`` (multiply), NVFP4 ``S_enc`` (divide)."""
@@ -218,7 +216,7 @@ class GroupedTensorStorage:
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         if usage == "rowwise":
             data, s = self.rowwise_2d()
-            factor = self._group_factor(row_group_ids(self.offsets, T), cdt)
+            factor = self._group_factor(group_ids(self.offsets, T), cdt)
             if self.fmt == "fp8" and dtype in (torch.bfloat16, torch.float16):
                 # Two passes instead of three: FP8 -> bf16/fp16 is exact, the product is
                 # computed in fp32 and rounded once into ``out`` (same values).
@@ -228,11 +226,11 @@ class GroupedTensorStorage:
             return self._apply_group_factor(v, None if factor is None else factor.unsqueeze(1)).to(dtype)
         data, s = self.columnwise_2d()
         Tc = self.columnwise_width
-        factor = self._group_factor(row_group_ids(self.columnwise_offsets, Tc), cdt)
+        factor = self._group_factor(group_ids(self.columnwise_offsets, Tc), cdt)
         v_KTc = self._decode_blocks(data, s, cdt)
         v_KTc = self._apply_group_factor(v_KTc, None if factor is None else factor.unsqueeze(0))
         dest_T, _ = padded_column_map(self.offsets, T, self.col_align, Tc)
-        valid_T1 = (row_group_ids(self.offsets, T) < self.num_groups).unsqueeze(1)
+        valid_T1 = (group_ids(self.offsets, T) < self.num_groups).unsqueeze(1)
         out = v_KTc.t()[dest_T]
         return torch.where(valid_T1, out, out.new_zeros(())).to(dtype)
 

@@ -73,6 +73,14 @@ class GroupedTensor(torch.Tensor):
     def __repr__(self) -> str:
         return f"GroupedTensor({self._storage!r})"
 
+    def share_memory_(self):  # type: ignore[override]
+        """Not supported (a wrapper has no storage of its own to move; torch's
+        implementation would crash the interpreter): raises ``RuntimeError``.  Share the
+        component tensors instead (``t.storage().component_tensors()``)."""
+        raise RuntimeError("GroupedTensor.share_memory_() is not supported: the data lives in "
+                           "the component tensors; call share_memory_() on "
+                           "t.storage().component_tensors() instead")
+
     # ------------------------------------------------------------------ flatten
     def __tensor_flatten__(self):
         s = self._storage

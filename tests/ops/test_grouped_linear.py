@@ -89,8 +89,8 @@ def test_quantized_recipe_dispatch(monkeypatch):
     fake = types.ModuleType("moe_offload.ops.quantized")
     fake.quantized_grouped_linear = lambda x, offs, w, b, recipe: calls.append((offs.tolist(), recipe)) or x[:, :4]
     monkeypatch.setitem(sys.modules, "moe_offload.ops.quantized", fake)
-    m = GroupedLinear(2, 8, 4, recipe="mxfp8")
-    m(torch.randn(5, 8), [2, 3])
+    m = GroupedLinear(2, 32, 32, recipe="mxfp8")
+    m(torch.randn(5, 32), [2, 3])
     assert calls == [([2, 5], "mxfp8")]
 
 
@@ -115,6 +115,49 @@ def test_bad_constructor():
         GroupedLinear(2, 8, 4, recipe="fp4")
     with pytest.raises(ValueError, match="must be >= 1"):
         GroupedLinear(0, 8, 4)
+
+
+@pytest.mark.parametrize("recipe", [None, "fp8", "mxfp8", "nvfp4"])
+def test_broadcast_input(recipe):
+    """A stride-0 ``x`` (``row.expand(T, K)``) gives the result of its contiguous copy."""
+    m = GroupedLinear(2, 32, 32, recipe=recipe)
+    row = torch.randn(1, 32, requires_grad=True)
+    y = m(row.expand(6, 32), [2, 4])
+    ref = m(row.detach().expand(6, 32).contiguous(), [2, 4])
+    assert torch.equal(y, ref)
+    y.sum().backward()
+    assert row.grad.shape == (1, 32)
+
+
+@pytest.mark.parametrize("recipe", [None, "fp8", "mxfp8", "nvfp4"])
+def test_empty_batch_every_recipe(recipe):
+    m = GroupedLinear(2, 32, 32, recipe=recipe)
+    x = torch.zeros(0, 32, requires_grad=True)
+    y = m(x, [0, 0])
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 32)
+    assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))
+
+
+@pytest.mark.parametrize("recipe, arg, kw", [
+    ("mxfp8", "out_features", dict(in_features=32, out_features=24)),
+    ("mxfp8", "in_features", dict(in_features=48, out_features=32)),
+    ("nvfp4", "out_features", dict(in_features=32, out_features=24)),
+])
+def test_block_multiple_checked_at_construction(recipe, arg, kw):
+    with pytest.raises(ValueError, match=f"{arg} must be a multiple of"):
+        GroupedLinear(2, recipe=recipe, **kw)
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((2.5, 8, 4), TypeError, "num_groups"),
+    ((2, 8.0, 4), TypeError, "in_features"),
+    ((2, 8, True), TypeError, "out_features"),
+    ((2, 8, 0), ValueError, "out_features"),
+])
+def test_integer_arguments(args, exc, name):
+    with pytest.raises(exc, match=name):
+        GroupedLinear(*args)
 
 
 # ------------------------------------------------------------------ CUDA

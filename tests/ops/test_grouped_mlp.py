@@ -186,7 +186,7 @@ def test_quantized_recipe_dispatch(monkeypatch):
 
     fake.quantized_grouped_mlp = qmlp
     monkeypatch.setitem(sys.modules, "moe_offload.ops.quantized", fake)
-    GroupedMLP(2, 8, 4, "geglu", recipe="nvfp4")(torch.randn(5, 8), [2, 3], torch.rand(5))
+    GroupedMLP(2, 16, 16, "geglu", recipe="nvfp4")(torch.randn(5, 16), [2, 3], torch.rand(5))
     assert calls == [([2, 5], True, "geglu", "nvfp4")]
 
 
@@ -221,6 +221,48 @@ def test_shapes():
     assert m.fc1_weight.shape == (3, 8, 8) and m.fc2_weight.shape == (3, 8, 4)
     assert m.fc1_bias.shape == (3, 8) and m.fc2_bias.shape == (3, 8)
     assert GroupedMLP(3, 8, 4, "relu").fc1_weight.shape == (3, 4, 8)
+
+
+@pytest.mark.parametrize("recipe", [None, "fp8", "mxfp8", "nvfp4"])
+def test_broadcast_input(recipe):
+    """A stride-0 ``x`` (``row.expand(T, H)``) gives the result of its contiguous copy."""
+    m = GroupedMLP(2, 32, 32, recipe=recipe)
+    row = torch.randn(1, 32, requires_grad=True)
+    y = m(row.expand(6, 32), [2, 4])
+    assert torch.equal(y, m(row.detach().expand(6, 32).contiguous(), [2, 4]))
+    y.sum().backward()
+    assert row.grad.shape == (1, 32)
+
+
+@pytest.mark.parametrize("recipe", [None, "fp8", "mxfp8", "nvfp4"])
+def test_empty_batch_every_recipe(recipe):
+    m = GroupedMLP(2, 32, 32, recipe=recipe)
+    x = torch.zeros(0, 32, requires_grad=True)
+    y = m(x, [0, 0], torch.zeros(0))
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 32)
+    assert torch.equal(m.fc1_weight.grad, torch.zeros_like(m.fc1_weight))
+
+
+@pytest.mark.parametrize("recipe, arg, kw", [
+    ("mxfp8", "ffn_hidden_size", dict(hidden_size=32, ffn_hidden_size=48)),
+    ("mxfp8", "hidden_size", dict(hidden_size=48, ffn_hidden_size=32)),
+    ("nvfp4", "ffn_hidden_size", dict(hidden_size=32, ffn_hidden_size=24)),
+])
+def test_block_multiple_checked_at_construction(recipe, arg, kw):
+    with pytest.raises(ValueError, match=f"{arg} must be a multiple of"):
+        GroupedMLP(2, recipe=recipe, **kw)
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((2.0, 8, 4), TypeError, "num_groups"),
+    ((2, 8.0, 4), TypeError, "hidden_size"),
+    ((2, 8, 4.5), TypeError, "ffn_hidden_size"),
+    ((2, -8, 4), ValueError, "hidden_size"),
+])
+def test_integer_arguments(args, exc, name):
+    with pytest.raises(exc, match=name):
+        GroupedMLP(*args)
 
 
 # ------------------------------------------------------------------ CUDA

@@ -92,6 +92,40 @@ def test_bad_input():
         MoE(8, 4, 3, 2, recipe="fp6")
 
 
+def test_empty_batch_aux_loss_is_zero():
+    m = MoE(8, 4, 3, 2)
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = m(x)
+    assert y.shape == (0, 8)
+    aux = m.aux_loss
+    assert torch.isfinite(aux) and aux.item() == 0
+    (y.sum() + aux).backward()
+    for p in _params(m):
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(4, 8, dtype=torch.float64), "x dtype"),
+    (torch.randn(4, 8, device="meta"), "x device"),
+])
+def test_bad_x_dtype_or_device(x, match):
+    with pytest.raises(TypeError, match=match):
+        MoE(8, 4, 3, 2)(x)
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(top_k=2.0), TypeError, "top_k"),
+    (dict(num_experts=3.0), TypeError, "num_experts"),
+    (dict(hidden_size=8.0), TypeError, "hidden_size"),
+    (dict(ffn_hidden_size=0), ValueError, "ffn_hidden_size"),
+])
+def test_integer_arguments(kw, exc, name):
+    args = dict(hidden_size=8, ffn_hidden_size=4, num_experts=3, top_k=2)
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        MoE(**args)
+
+
 # ------------------------------------------------------------------ CUDA
 @pytest.mark.cuda
 def test_cuda_bf16_matches_reference():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moe_offload.tensor import Float8CurrentScalingQuantizer, group_quantize
-from moe_offload.tensor.grouped_storage import COMPONENTS, row_group_ids
+from moe_offload.tensor.grouped_storage import COMPONENTS
+from moe_offload.tensor.row_groups import group_ids as row_group_ids
 
 pytestmark = pytest.mark.cuda
 

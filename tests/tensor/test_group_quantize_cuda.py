@@ -5,7 +5,8 @@ import torch
 from moe_offload.tensor import (Float8CurrentScalingQuantizer, MXFP8Quantizer, NVFP4Quantizer,
                                 group_quantize)
 from moe_offload.tensor.group_quantize import fp8_rows_torch
-from moe_offload.tensor.grouped_storage import COMPONENTS, row_group_ids
+from moe_offload.tensor.grouped_storage import COMPONENTS
+from moe_offload.tensor.row_groups import group_ids as row_group_ids
 
 pytestmark = pytest.mark.cuda
 

@@ -100,3 +100,10 @@ def test_saved_by_autograd_through_flatten():
         y = Fn.apply(a, t)
     y.sum().backward()
     assert GroupedTensor in seen
+
+
+def test_share_memory_raises_clearly():
+    """Used to kill the interpreter (SIGSEGV)."""
+    t = group_quantize(torch.randn(4, 16), Float8CurrentScalingQuantizer(internal=False), [1, 3])
+    with pytest.raises(RuntimeError, match="share_memory_"):
+        t.share_memory_()
