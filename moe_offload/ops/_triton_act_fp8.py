@@ -1,8 +1,8 @@
 """Fused Triton kernels of the FP8 ``GroupedMLP`` activation (CUDA only; imported lazily).
 
 They restate :mod:`._triton_act` row for row and add the FP8 work around it; the FP8
-helpers (group lookup, scale, cast) come from :mod:`moe_offload.tensor._triton_fused`, so
-the codes are the format's exactly.  Used by :mod:`.quantized`.
+helpers (group lookup, scale, cast) come from :mod:`moe_offload.tensor.fp8_kernels`, so
+the codes are the format's exactly.  Used by :mod:`.gemm.fp8`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tensor._triton_fused import _amax_out, _block_g, _groups, _scale_of, _to_fp8, group_amax_bits
+from ..tensor.fp8_kernels import amax_out, block_g, group_amax_bits, group_table, scale_of, to_fp8
 from ._triton_act import _ACT_ID, _BLOCK, _f_and_df
 
 __all__ = ["act_forward_fp8", "act_backward_fp8"]
@@ -32,7 +32,7 @@ __all__ = ["act_forward_fp8", "act_backward_fp8"]
 
 @triton.jit
 def _row_group(row, offs_ptr, G, BLOCK_G: tl.constexpr):
-    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 1)
+    g, gm, start, end, size, padded, cend = group_table(offs_ptr, G, BLOCK_G, 1)
     gid = tl.sum((gm & (end <= row)).to(tl.int32), axis=0)
     return g, gm, gid
 
@@ -52,11 +52,11 @@ def _act_fwd_fp8_kernel(h_ptr, offs_ptr, amax_h_ptr, hq_ptr, p_ptr, out_ptr, ama
     o_row = out_ptr + row * F
     if SAVE_H:
         hbits = tl.load(amax_h_ptr + g, mask=gm, other=0)
-        hscale = _scale_of(hbits, 448.0, False)
+        hscale = scale_of(hbits, 448.0, False)
         sh = tl.sum(tl.where(g == gid, hscale, 0.0), axis=0)  # 0 for rows of no group
         q_row = hq_ptr + row * X
         if row == 0:
-            tl.store(amax_h_out_ptr + g, _amax_out(hbits), mask=gm)
+            tl.store(amax_h_out_ptr + g, amax_out(hbits), mask=gm)
             tl.store(sinv_h_ptr + g, tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), hscale), mask=gm)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, F, BLOCK):
@@ -64,12 +64,12 @@ def _act_fwd_fp8_kernel(h_ptr, offs_ptr, amax_h_ptr, hq_ptr, p_ptr, out_ptr, ama
         m = cols < F
         a = tl.load(h_row + cols, mask=m, other=0.0).to(tl.float32)
         if SAVE_H:
-            tl.store(q_row + cols, _to_fp8(tl.where(gid < G, a, 0.0) * sh, 448.0, False), mask=m)
+            tl.store(q_row + cols, to_fp8(tl.where(gid < G, a, 0.0) * sh, 448.0, False), mask=m)
         z, _ = _f_and_df(a, ACT)
         if GATED:
             b = tl.load(h_row + F + cols, mask=m, other=0.0).to(tl.float32)
             if SAVE_H:
-                tl.store(q_row + F + cols, _to_fp8(tl.where(gid < G, b, 0.0) * sh, 448.0, False), mask=m)
+                tl.store(q_row + F + cols, to_fp8(tl.where(gid < G, b, 0.0) * sh, 448.0, False), mask=m)
             z = z * b
         o = (z * p).to(out_ptr.dtype.element_ty)
         tl.store(o_row + cols, o, mask=m)
@@ -103,7 +103,7 @@ def act_forward_fp8(h_TX: torch.Tensor, offs_G: torch.Tensor, probs_T: Optional[
         probs_T.contiguous() if probs_T is not None else h_TX, out, amax_o,
         parts["amax"] if save_h else dummy, parts["rowwise_scale_inv"] if save_h else dummy, F, G,
         ACT=_ACT_ID[activation], GATED=gated, HAS_P=probs_T is not None, SAVE_H=save_h,
-        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=_block_g(G), num_warps=4)
+        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=block_g(G), num_warps=4)
     return out, amax_o, parts
 
 
@@ -183,5 +183,5 @@ def act_backward_fp8(hq_data: torch.Tensor, h_sinv_G: torch.Tensor, offs_G: torc
         hq_data, offs_G, h_sinv_G, probs_T.contiguous() if probs_T is not None else d_h, d_out_TF,
         d_h, out, d_p if d_p is not None else d_h, amax[:G], amax[G:], F, G, d_out_TF.stride(0),
         ACT=_ACT_ID[activation], GATED=gated, HAS_P=probs_T is not None,
-        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=_block_g(G), num_warps=4)
+        BLOCK=min(_BLOCK, triton.next_power_of_2(F)), BLOCK_G=block_g(G), num_warps=4)
     return d_h, d_p, out, amax[:G], amax[G:]

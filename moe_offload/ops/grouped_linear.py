@@ -2,82 +2,93 @@
 
 Shape legend: ``T`` rows, ``K`` in features, ``N`` out features, ``G`` groups.
 Row ``r`` of group ``g`` computes ``y[r] = x[r] @ weight[g].T + bias[g]``.
+
+One autograd function for every precision: the GEMMs and what their operands look
+like come from a GEMM backend (:mod:`.gemm`), chosen by ``recipe``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..offload.marks import mark_not_offload, start_offload
-from ..tensor.row_groups import SplitSizes, group_ids, live_rows, offsets_from_splits
-from ._grouped_gemm import group_row_sum, grouped_mm, grouped_mm_wgrad
+from ..tensor.row_groups import SplitSizes, offsets_from_splits
 from .checks import check_grouped_input, check_int
+from .gemm import RECIPES, backend_for, check_recipe
+from .gemm.base import GemmBackend, Operand, Rows, load_record, save_record
+from .grouped_gemm import add_group_bias, group_row_sum
 
-__all__ = ["GroupedLinear", "RECIPES", "check_recipe", "check_grouped_input"]
-
-RECIPES = ("fp8", "mxfp8", "nvfp4")
-
-
-BLOCK = {"fp8": 1, "mxfp8": 32, "nvfp4": 16}
+__all__ = ["GroupedLinear", "grouped_linear", "RECIPES", "check_recipe", "check_grouped_input"]
 
 
-def check_recipe(recipe: Optional[str], **features: int) -> Optional[str]:
-    """Return ``recipe`` if it is ``None`` or one of :data:`RECIPES`, else raise.
+@dataclass
+class SavedLinear:
+    """What the backward of :class:`GroupedLinear` keeps.
 
-    ``features``: name -> size of each dimension the recipe quantizes in blocks; each
-    must be a multiple of the recipe's block (MXFP8 32, NVFP4 16), else ``ValueError``
-    naming it (caught at construction, not mid-backward)."""
-    if recipe is not None and recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected None or one of {RECIPES}")
-    block = BLOCK.get(recipe, 1)
-    for name, size in features.items():
-        if size % block:
-            raise ValueError(f"recipe {recipe!r} quantizes in blocks of {block}: {name} must be a "
-                             f"multiple of {block}, got {size}")
-    return recipe
-
-
-def add_group_bias(y_TN: torch.Tensor, bias_GN: Optional[torch.Tensor], offs_G: torch.Tensor) -> torch.Tensor:
-    """``y[r] += bias[group(r)]`` in place; rows past ``offs[-1]`` get no bias."""
-    if bias_GN is None:
-        return y_TN
-    gid_T = group_ids(offs_G, y_TN.shape[0])            # G for rows past offs[-1]
-    table_GN = torch.cat([bias_GN, bias_GN.new_zeros(1, bias_GN.shape[1])])
-    return y_TN.add_(table_GN.index_select(0, gid_T))
+    ``x``: the wgrad input as the backend holds it (bf16: ``x`` itself; quantized: its
+    columnwise codes), ``None`` when the weight needs no gradient.  ``weight``: the
+    parameter by reference (the dgrad operand is rebuilt from it) and ``weight_meta``
+    the backend's per-expert metadata, ``None`` when ``x`` needs no gradient.
+    ``offs_G``: the int32 end offsets."""
+    x: Optional[Operand]
+    weight: Optional[torch.Tensor]
+    weight_meta: Optional[torch.Tensor]
+    offs_G: torch.Tensor
 
 
 class _GroupedLinearFn(torch.autograd.Function):
-    """Saves ``x`` (the input, already final) and the small ``offs_G``; weights are read
-    from the inputs, never copied."""
+    """Forward/backward of the grouped linear on one GEMM backend.
+
+    ``covered``: the offsets are known to cover all ``T`` rows (host or validated
+    splits); otherwise tail rows come out zero in ``y`` and ``dx``."""
 
     @staticmethod
-    def forward(ctx, x_TK, weight_GNK, bias_GN, offs_G, covered: bool):
+    def forward(ctx, x_TK, weight_GNK, bias_GN, offs_G, covered: bool, backend: GemmBackend):
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        rows = Rows(offs_G, x_TK.shape[0], covered)
         mark_not_offload(weight_GNK, bias_GN)
-        start_offload(x_TK)
-        y_TN = grouped_mm(x_TK, weight_GNK.transpose(1, 2), offs_G, zero_tail=False)
-        y_TN = add_group_bias(y_TN, bias_GN, offs_G)
-        if not covered:
-            y_TN = torch.where(live_rows(offs_G[-1:], y_TN.shape[0]), y_TN, y_TN.new_zeros(()))
-        ctx.save_for_backward(x_TK, weight_GNK, offs_G)
-        ctx.has_bias = bias_GN is not None
-        ctx.covered = covered
+        xa = backend.quantize_act(x_TK, offs_G, True, need_dw)
+        start_offload(xa.data)
+        wq = backend.quantize_weight(weight_GNK, need_dx)
+        y_TN = add_group_bias(backend.forward(xa, wq, rows, "zero", x_TK.dtype), bias_GN, offs_G)
+        save_record(ctx, SavedLinear(backend.keep_for_wgrad(xa) if need_dw else None,
+                                     weight_GNK if need_dx else None,
+                                     wq.meta_G if need_dx else None, offs_G))
+        ctx.has_bias, ctx.covered, ctx.backend = bias_GN is not None, covered, backend
+        ctx.x_dtype, ctx.w_dtype = x_TK.dtype, weight_GNK.dtype
         return y_TN
 
     @staticmethod
     def backward(ctx, dy_TN):
-        x_TK, weight_GNK, offs_G = ctx.saved_tensors
+        s: SavedLinear = load_record(ctx)
+        B = ctx.backend
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        rows = Rows(s.offs_G, dy_TN.shape[0], ctx.covered)
         dy_TN = dy_TN.contiguous()
+        dya = B.quantize_act(dy_TN, s.offs_G, need_dx, need_dw)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = grouped_mm(dy_TN, weight_GNK, offs_G, zero_tail=not ctx.covered)
-        if ctx.needs_input_grad[1]:
-            dw = grouped_mm_wgrad(dy_TN, x_TK, offs_G)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = group_row_sum(dy_TN, offs_G)
-        return dx, dw, db, None, None
+        if need_dx:
+            dx = B.dgrad(dya, B.weight_for_dgrad(s.weight, s.weight_meta), rows, "zero", ctx.x_dtype)
+        if need_dw:
+            dw = B.wgrad(dya, s.x, rows, ctx.w_dtype)
+        if ctx.has_bias and need_db:
+            db = group_row_sum(dy_TN, s.offs_G)
+        return dx, dw, db, None, None, None
+
+
+def grouped_linear(x_TK: torch.Tensor, offs_G: torch.Tensor, weight_GNK: torch.Tensor,
+                   bias_GN: Optional[torch.Tensor] = None, recipe: Optional[str] = None,
+                   covered: bool = True) -> torch.Tensor:
+    """Functional :class:`GroupedLinear` on ready int32 end offsets (inputs not checked).
+
+    ``covered=True`` promises ``offs[-1] == T`` (skips the tail masking)."""
+    G, N, K = weight_GNK.shape
+    backend = backend_for(recipe, x_TK, K, N)
+    return _GroupedLinearFn.apply(x_TK, weight_GNK, bias_GN, offs_G, covered, backend)
 
 
 class GroupedLinear(nn.Module):
@@ -89,7 +100,8 @@ class GroupedLinear(nn.Module):
         bias: learn a ``(G, N)`` bias.
         recipe: ``None`` (compute in the parameter dtype: bf16/fp16/fp32) or one of
             ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (quantized compute, see
-            ``moe_offload.ops.quantized``).
+            :mod:`moe_offload.ops.gemm`).  MXFP8/NVFP4 need ``in_features`` and
+            ``out_features`` to be multiples of 32/16 (checked here).
 
     Parameters: ``weight`` ``(G, N, K)``, ``bias`` ``(G, N)`` or ``None``.  Initialised
     like ``nn.Linear`` per group.
@@ -100,7 +112,8 @@ class GroupedLinear(nn.Module):
     ``validate=True``, which **syncs the host** once), or a list / CPU int tensor (always
     checked, for free).  Groups may be empty.  With unchecked device splits summing to
     less than ``T``, rows past the sum come out zero and get zero input grad.
-    Saved for backward: ``x`` and the int32 offsets only.
+    Saved for backward (:class:`SavedLinear`): ``x`` (quantized recipes: its columnwise
+    codes) and the int32 offsets; the weight by reference, never a copy.
     """
 
     def __init__(self, num_groups: int, in_features: int, out_features: int, bias: bool = True,
@@ -131,10 +144,7 @@ class GroupedLinear(nn.Module):
         host = not (isinstance(split_sizes, torch.Tensor) and split_sizes.device.type != "cpu")
         offs_G = offsets_from_splits(split_sizes, x.shape[0], x.device, num_groups=self.num_groups,
                                      validate=validate)
-        if self.recipe is not None:
-            from .quantized import quantized_grouped_linear
-            return quantized_grouped_linear(x, offs_G, self.weight, self.bias, self.recipe)
-        return _GroupedLinearFn.apply(x, self.weight, self.bias, offs_G, host or validate)
+        return grouped_linear(x, offs_G, self.weight, self.bias, self.recipe, host or validate)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, in_features={self.in_features}, "

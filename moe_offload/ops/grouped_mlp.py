@@ -15,86 +15,132 @@ beyond ``x``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..offload.marks import mark_not_offload, start_offload
-from ..tensor.row_groups import SplitSizes, cover_all_rows, offsets_from_splits
-from ._grouped_gemm import group_row_sum, grouped_mm, grouped_mm_wgrad
-from .activations import act_backward, act_forward, check_activation, is_gated
+from ..tensor.row_groups import SplitSizes, offsets_from_splits
+from .activations import check_activation, is_gated
 from .checks import check_grouped_input, check_int
-from .grouped_linear import add_group_bias, check_recipe
+from .gemm import backend_for, check_recipe
+from .gemm.base import GemmBackend, Operand, Rows, load_record, save_record
+from .grouped_gemm import add_group_bias, group_row_sum
 
-__all__ = ["GroupedMLP", "RECOMPUTE_MODES"]
+__all__ = ["GroupedMLP", "grouped_mlp", "RECOMPUTE_MODES"]
 
 RECOMPUTE_MODES = ("activation", "fc1")
 
 
-def _fc1(x_TH, w1_GXH, b1_GX, offs_G):
-    h_TX = grouped_mm(x_TH, w1_GXH.transpose(1, 2), offs_G, zero_tail=False)
-    return add_group_bias(h_TX, b1_GX, offs_G)
+@dataclass
+class SavedMLP:
+    """What the backward of :class:`GroupedMLP` keeps.
+
+    ``x``: fc1's wgrad input as fc1's backend holds it (bf16: ``x``; quantized: its
+    columnwise codes), also the input of the fc1 recompute (``recompute="fc1"``, bf16).
+    ``h``: the fc1 output as fc1's backend stores it (bf16: ``h``; quantized: its
+    rowwise codes), ``None`` when recomputed.  ``probs_T``, ``offs_G``.  The weights by
+    reference (``w1``, ``b1`` only for the recompute, ``w2``) with their backends'
+    per-expert metadata (``w1_meta``, ``w2_meta``), never copies."""
+    x: Optional[Operand]
+    h: Any
+    probs_T: Optional[torch.Tensor]
+    offs_G: torch.Tensor
+    w1_GXH: Optional[torch.Tensor]
+    w1_meta: Optional[torch.Tensor]
+    b1_GX: Optional[torch.Tensor]
+    w2_GHF: Optional[torch.Tensor]
+    w2_meta: Optional[torch.Tensor]
 
 
 class _GroupedMLPFn(torch.autograd.Function):
-    """Fused forward/backward.
+    """Fused forward/backward on two GEMM backends (fc1's ``B1``, fc2's ``B2``).
 
     ``covered``: the offsets are known to cover all ``T`` rows (host splits, validated
     or routed splits).  Otherwise rows past ``offs[-1]`` (the "tail") must come out as
     zeros in ``y``, ``dx`` and ``d_probs`` although the grouped GEMMs leave them
-    uninitialized.  We get that without an extra pass: the activation kernels write
-    zeros for tail rows (``rows_end``), and the two GEMMs that consume their output
-    (fc2 forward, the dx GEMM) run on offsets whose last entry is ``T``
-    (``offs_out``), so their tail rows are ``0 @ w = 0``.  The wgrad GEMMs and row
-    sums use the true offsets and never read the tail.
+    uninitialized.  We get that without an extra pass: the activation writes zeros for
+    tail rows (``Rows.rows_end``), and the two GEMMs that consume its output (fc2
+    forward, the dx GEMM) are told their input tail is zero (``tail="zero_input"``),
+    so their tail rows are ``0 @ w = 0``.  The wgrad GEMMs and row sums use the true
+    offsets and never read the tail.
     """
 
     @staticmethod
     def forward(ctx, x_TH, w1_GXH, b1_GX, w2_GHF, b2_GH, probs_T, offs_G,
-                activation: str, recompute: str, covered: bool):
+                activation: str, recompute: str, covered: bool, B1: GemmBackend, B2: GemmBackend):
+        need = ctx.needs_input_grad
+        need_bwd = any(need[:6])
+        rows = Rows(offs_G, x_TH.shape[0], covered)
+        recompute_fc1 = recompute == "fc1" and not B1.quantized
         mark_not_offload(w1_GXH, b1_GX, w2_GHF, b2_GH)
-        start_offload(x_TH, probs_T)
-        T = x_TH.shape[0]
-        rows_end = None if covered else offs_G[-1:]
-        offs_out_G = offs_G if covered else cover_all_rows(offs_G, T)
-        h_TX = _fc1(x_TH, w1_GXH, b1_GX, offs_G)
-        if recompute == "activation":
-            start_offload(h_TX)
-        a_TF = act_forward(h_TX, probs_T, activation, rows_end)
-        y_TH = grouped_mm(a_TF, w2_GHF.transpose(1, 2), offs_out_G, zero_tail=False)
-        y_TH = add_group_bias(y_TH, b2_GH, offs_G)
-        saved_h = h_TX if recompute == "activation" else None
-        ctx.save_for_backward(x_TH, saved_h, probs_T, offs_G, w1_GXH, b1_GX, w2_GHF)
-        ctx.activation, ctx.recompute, ctx.covered = activation, recompute, covered
+        xa = B1.quantize_act(x_TH, offs_G, True, need[1])
+        start_offload(xa.data, probs_T)
+        w1q = B1.quantize_weight(w1_GXH, need[0])
+        w2q = B2.quantize_weight(w2_GHF, need_bwd)
+        h_TX = add_group_bias(B1.forward(xa, w1q, rows, "any", x_TH.dtype), b1_GX, offs_G)
+        aa, stored_h = B2.activation_forward(h_TX, probs_T, activation, rows,
+                                             need_bwd and not recompute_fc1, B1)
+        start_offload(stored_h)
+        y_TH = add_group_bias(B2.forward(aa, w2q, rows, "zero_input", x_TH.dtype), b2_GH, offs_G)
+        keep_x = need[1] or (need_bwd and recompute_fc1)
+        save_record(ctx, SavedMLP(
+            x=B1.keep_for_wgrad(xa) if keep_x else None, h=stored_h, probs_T=probs_T, offs_G=offs_G,
+            w1_GXH=w1_GXH if (need[0] or recompute_fc1) else None, w1_meta=w1q.meta_G if need[0] else None,
+            b1_GX=b1_GX if recompute_fc1 else None,
+            w2_GHF=w2_GHF if need_bwd else None, w2_meta=w2q.meta_G if need_bwd else None))
+        ctx.activation, ctx.recompute_fc1, ctx.covered = activation, recompute_fc1, covered
+        ctx.B1, ctx.B2, ctx.dtype = B1, B2, x_TH.dtype
         ctx.has_b1, ctx.has_b2 = b1_GX is not None, b2_GH is not None
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
-        x_TH, h_TX, probs_T, offs_G, w1_GXH, b1_GX, w2_GHF = ctx.saved_tensors
-        dy_TH = dy_TH.contiguous()
-        T = x_TH.shape[0]
-        offs_out_G = offs_G if ctx.covered else cover_all_rows(offs_G, T)
-        rows_end = None if ctx.covered else offs_G[-1:]
-        if ctx.recompute == "fc1":
-            h_TX = _fc1(x_TH, w1_GXH, b1_GX, offs_G)
-        d_a_TF = grouped_mm(dy_TH, w2_GHF, offs_G, zero_tail=False)
-        d_h_TX, d_probs_T, a_TF = act_backward(h_TX, probs_T, d_a_TF, ctx.activation, rows_end)
+        s: SavedMLP = load_record(ctx)
+        B1, B2, dtype = ctx.B1, ctx.B2, ctx.dtype
         need = ctx.needs_input_grad
-        dw2 = grouped_mm_wgrad(dy_TH, a_TF, offs_G) if need[3] else None
-        db2 = group_row_sum(dy_TH, offs_G) if ctx.has_b2 and need[4] else None
-        dw1 = grouped_mm_wgrad(d_h_TX, x_TH, offs_G) if need[1] else None
-        db1 = group_row_sum(d_h_TX, offs_G) if ctx.has_b1 and need[2] else None
-        dx = grouped_mm(d_h_TX, w1_GXH, offs_out_G, zero_tail=False) if need[0] else None
-        return dx, dw1, db1, dw2, db2, d_probs_T, None, None, None, None
+        rows = Rows(s.offs_G, dy_TH.shape[0], ctx.covered)
+        dy_TH = dy_TH.contiguous()
+        h = s.h
+        if ctx.recompute_fc1:      # bf16 only: x is kept as is
+            h = add_group_bias(B1.forward(s.x, B1.quantize_weight(s.w1_GXH, False), rows, "any", dtype),
+                               s.b1_GX, s.offs_G)
+        dya = B2.quantize_act(dy_TH, s.offs_G, True, need[3])
+        d_a_TF = B2.dgrad(dya, B2.weight_for_dgrad(s.w2_GHF, s.w2_meta), rows, "any", dtype)
+        d_h_TX, d_probs_T, a_TF, amax_a, amax_dh = B2.activation_backward(
+            h, s.probs_T, d_a_TF, ctx.activation, rows, B1, dtype)
+        dw2 = db2 = dw1 = db1 = dx = None
+        if need[3]:
+            dw2 = B2.wgrad(dya, B2.quantize_act(a_TF, s.offs_G, False, True, amax_bits=amax_a), rows, dtype)
+        if ctx.has_b2 and need[4]:
+            db2 = group_row_sum(dy_TH, s.offs_G)
+        dha = B1.quantize_act(d_h_TX, s.offs_G, need[0], need[1], amax_bits=amax_dh)
+        if need[1]:
+            dw1 = B1.wgrad(dha, s.x, rows, dtype)
+        if ctx.has_b1 and need[2]:
+            db1 = group_row_sum(d_h_TX, s.offs_G)
+        if need[0]:
+            dx = B1.dgrad(dha, B1.weight_for_dgrad(s.w1_GXH, s.w1_meta), rows, "zero_input", dtype)
+        if not need[5]:
+            d_probs_T = None
+        return dx, dw1, db1, dw2, db2, d_probs_T, None, None, None, None, None, None
 
 
 def grouped_mlp(x_TH, offs_G, w1_GXH, b1_GX, w2_GHF, b2_GH, probs_T, activation: str,
-                recompute: str = "activation", covered: bool = True) -> torch.Tensor:
-    """Functional form of :class:`GroupedMLP` on validated int32 offsets (no checks)."""
+                recompute: str = "activation", covered: bool = True,
+                recipe: Optional[str] = None) -> torch.Tensor:
+    """Functional form of :class:`GroupedMLP` on validated int32 offsets (no checks).
+
+    ``recipe``: ``None`` (the parameters' dtype) or a key of
+    :data:`moe_offload.ops.gemm.RECIPES`; each GEMM gets its backend."""
+    G, X, H = w1_GXH.shape
+    F_ = w2_GHF.shape[2]
+    B1 = backend_for(recipe, x_TH, H, X)
+    B2 = backend_for(recipe, x_TH, F_, H)
     return _GroupedMLPFn.apply(x_TH, w1_GXH, b1_GX, w2_GHF, b2_GH, probs_T, offs_G,
-                               activation, recompute, covered)
+                               activation, recompute, covered, B1, B2)
 
 
 class GroupedMLP(nn.Module):
@@ -187,12 +233,9 @@ class GroupedMLP(nn.Module):
         """Forward on ready int32 end offsets (used by ``MoE``; inputs are not checked).
 
         ``covered=True`` promises ``offs[-1] == T`` (skips the tail masking)."""
-        if self.recipe is not None:
-            from .quantized import quantized_grouped_mlp
-            return quantized_grouped_mlp(x_TH, offs_G, self.fc1_weight, self.fc1_bias, self.fc2_weight,
-                                         self.fc2_bias, probs_T, self.activation, self.recipe)
         return grouped_mlp(x_TH, offs_G, self.fc1_weight, self.fc1_bias, self.fc2_weight,
-                           self.fc2_bias, probs_T, self.activation, self.recompute, covered)
+                           self.fc2_bias, probs_T, self.activation, self.recompute, covered,
+                           self.recipe)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, hidden_size={self.hidden_size}, "

@@ -6,7 +6,7 @@ per-group amaxes from one ``aminmax`` and one ``scatter_reduce``, and the column
 width is a host-known upper bound.  The number of kernel launches does not depend on G.
 
 On CUDA, bf16 FP8 with up to :data:`MAX_FUSED_GROUPS` groups runs fused: one amax
-kernel and one kernel writing the rowwise and columnwise codes (:mod:`._triton_fused`,
+kernel and one kernel writing the rowwise and columnwise codes (:mod:`.fp8_kernels`,
 3 launches in all, bit-identical to the reference below).  Otherwise on CUDA the FP8
 code generation runs as two Triton kernels (:mod:`._triton_quant`, imported lazily):
 rowwise (gather the group scale, multiply, saturate, cast) and columnwise (the same on
@@ -22,13 +22,11 @@ from typing import Optional
 import torch
 
 from . import formats
-from .grouped_storage import COL_ALIGN, GroupedTensorStorage, columnwise_width
+from .grouped_storage import COL_ALIGN, MAX_FUSED_GROUPS, GroupedTensorStorage, columnwise_width
 from .quantizers import Quantizer
 from .row_groups import SplitSizes, group_ids, group_sizes, offsets_from_splits
 
 __all__ = ["group_quantize", "fp8_weight_transposed"]
-# The fused kernels hold (columns x groups) tiles per program; past this, the unfused path.
-MAX_FUSED_GROUPS = 256
 
 
 def group_amax(x_TK: torch.Tensor, gid_T: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -184,7 +182,7 @@ def group_quantize(x_TK: torch.Tensor, quantizer, split_sizes: Optional[SplitSiz
     x_TK = x_TK.contiguous()
     if fmt == "fp8" and _fused_ok(x_TK, G):
         # CUDA: 3 launches (zeros, amax, cast) instead of ~50 ops; same bits
-        from ._triton_fused import fp8_group_quantize_fused
+        from .fp8_kernels import fp8_group_quantize_fused
         parts = fp8_group_quantize_fused(x_TK, offs_G, quantizer.dtype, quantizer.power_2_scale,
                                          quantizer.rowwise, quantizer.columnwise)
         parts["offsets"] = offs_G

@@ -53,6 +53,9 @@ COMPONENTS = ("rowwise_data", "rowwise_scale_inv", "columnwise_data", "columnwis
               "amax", "offsets", "columnwise_offsets")
 BLOCK = {"mxfp8": 32, "nvfp4": 16}
 COL_ALIGN = {"fp8": 16, "mxfp8": 32, "nvfp4": 16}
+# The fused FP8 kernels (:mod:`.fp8_kernels`) hold (columns x groups) tiles per program;
+# past this many groups the unfused path runs.
+MAX_FUSED_GROUPS = 256
 
 
 def columnwise_width(num_rows: int, num_groups: int, col_align: int) -> int:

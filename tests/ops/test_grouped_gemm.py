@@ -1,8 +1,8 @@
-"""Tests for moe_offload/ops/_grouped_gemm.py (grouped GEMMs, row sums)."""
+"""Tests for moe_offload/ops/grouped_gemm.py (grouped GEMMs, row sums)."""
 import pytest
 import torch
 
-from moe_offload.ops import _grouped_gemm as gg
+from moe_offload.ops import grouped_gemm as gg
 
 SPLITS = [3, 0, 7, 5]          # uneven, one empty group
 OFFS = [3, 3, 10, 15]
@@ -130,6 +130,6 @@ def test_cuda_grouped_gemm(dtype):
 def test_cuda_zero_empty_groups(dtype):
     out = torch.full((5, 33, 130), float("nan"), device="cuda", dtype=dtype)
     offs = torch.tensor([0, 4, 4, 9, 9], dtype=torch.int32, device="cuda")
-    gg._zero_empty_groups(out, offs)
+    gg.zero_empty_groups(out, offs)
     for g, empty in enumerate([True, False, True, False, True]):
         assert bool((out[g] == 0).all()) if empty else bool(out[g].isnan().all())

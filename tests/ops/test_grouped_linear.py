@@ -1,14 +1,11 @@
 """Tests for GroupedLinear against a float64 loop of matmuls."""
-import sys
-import types
-
 import pytest
 import torch
 
 from moe_offload.offload import marks
 from moe_offload.ops import GroupedLinear
-from moe_offload.ops.grouped_linear import _GroupedLinearFn
-from ._reference import bound_check, linear_loop, random_splits, run_with_grads
+from moe_offload.ops.grouped_linear import grouped_linear
+from tests.reference import bound_check, linear_loop, random_splits, run_with_grads
 
 
 def _check_direct(dtype, bias, splits, K, N, device="cpu", as_tensor=False):
@@ -57,7 +54,7 @@ def test_unchecked_short_offsets_zero_the_tail():
     m = GroupedLinear(2, 8, 4, dtype=torch.float32)
     x = torch.randn(10, 8, requires_grad=True)
     offs = torch.tensor([3, 7], dtype=torch.int32)
-    y = _GroupedLinearFn.apply(x, m.weight, m.bias, offs, False)
+    y = grouped_linear(x, offs, m.weight, m.bias, covered=False)
     y.backward(torch.randn_like(y))
     assert torch.equal(y[7:], torch.zeros(3, 4)) and torch.equal(x.grad[7:], torch.zeros(3, 8))
     ref = linear_loop(x.detach()[:7].double(), m.weight.double(), m.bias.double(), [3, 4])
@@ -82,16 +79,6 @@ def test_marks_weights_and_starts_offload_of_saved_input():
         marks._set_active_engine(prev)
     assert marks.is_marked_not_offload(m.weight) and marks.is_marked_not_offload(m.bias)
     assert any(t is x for t in engine.ready)
-
-
-def test_quantized_recipe_dispatch(monkeypatch):
-    calls = []
-    fake = types.ModuleType("moe_offload.ops.quantized")
-    fake.quantized_grouped_linear = lambda x, offs, w, b, recipe: calls.append((offs.tolist(), recipe)) or x[:, :4]
-    monkeypatch.setitem(sys.modules, "moe_offload.ops.quantized", fake)
-    m = GroupedLinear(2, 32, 32, recipe="mxfp8")
-    m(torch.randn(5, 32), [2, 3])
-    assert calls == [([2, 5], "mxfp8")]
 
 
 @pytest.mark.parametrize("make, exc, match", [

@@ -1,14 +1,11 @@
 """Tests for GroupedMLP (fused fc1 -> act * probs -> fc2) and the fused activations."""
-import sys
-import types
-
 import pytest
 import torch
 
 from moe_offload.offload import marks
 from moe_offload.ops import GroupedLinear, GroupedMLP
 from moe_offload.ops.activations import ACTIVATIONS, act_backward, act_forward
-from ._reference import act_ref, bound_check, mlp_loop, random_splits, run_with_grads
+from tests.reference import act_ref, bound_check, mlp_loop, random_splits, run_with_grads
 
 
 def _mlp_case(dtype, activation, bias, with_probs, splits, H=16, Fh=12, device="cpu",
@@ -174,20 +171,6 @@ def test_act_backward_matches_autograd(activation, with_probs):
     assert (d_p is None) == (not with_probs)
     if with_probs:
         torch.testing.assert_close(d_p, grads[1])
-
-
-def test_quantized_recipe_dispatch(monkeypatch):
-    calls = []
-    fake = types.ModuleType("moe_offload.ops.quantized")
-
-    def qmlp(x, offs, w1, b1, w2, b2, probs, activation, recipe):
-        calls.append((offs.tolist(), probs is not None, activation, recipe))
-        return x
-
-    fake.quantized_grouped_mlp = qmlp
-    monkeypatch.setitem(sys.modules, "moe_offload.ops.quantized", fake)
-    GroupedMLP(2, 16, 16, "geglu", recipe="nvfp4")(torch.randn(5, 16), [2, 3], torch.rand(5))
-    assert calls == [([2, 5], True, "geglu", "nvfp4")]
 
 
 @pytest.mark.parametrize("make, exc, match", [

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moe_offload.ops import GroupedLinear, GroupedMLP, MoE
-from ._reference import act_ref, bound_check
+from tests.reference import act_ref, bound_check
 
 
 def moe_loop(x, router_w, w1, w2, top_k, normalize, activation, experts_Tk=None):

@@ -9,7 +9,7 @@ from moe_offload.tensor import (Float8CurrentScalingQuantizer, MXFP8Quantizer, N
 from moe_offload.tensor import formats
 from moe_offload.tensor.grouped_storage import columnwise_width
 
-from . import _ref
+from tests import reference as _ref
 
 SIZES = [[7, 0, 33, 24], [64], [0, 0, 5], [1, 2, 3, 4, 5]]
 

@@ -20,7 +20,7 @@ What ``torch._grouped_mm`` needs (found by probing; see also the tests):
   result.  Zero columns add nothing to the reduction, so results are exact.
 - **Empty groups** in the 2D x 2D form: the H100 kernel did write zeros for an empty
   group (into memory pre-filled with NaN), but that is not documented, so
-  :func:`_zero_empty_groups` zeroes them anyway (about 16 us for a (8, 4096, 4096)
+  :func:`zero_empty_groups` zeroes them anyway (about 16 us for a (8, 4096, 4096)
   output on CUDA: programs of non-empty groups exit at once).
 - **Tail rows.**  Rows past ``offs[-1]`` of the 2D x 3D output are never written
   (uninitialized memory).  :func:`grouped_mm` zeroes them on the device unless the
@@ -39,12 +39,14 @@ What ``torch._grouped_mm`` needs (found by probing; see also the tests):
 from __future__ import annotations
 
 import functools
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..tensor.row_groups import group_ids, group_sizes, live_rows
 
-__all__ = ["grouped_mm", "grouped_mm_wgrad", "group_row_sum"]
+__all__ = ["grouped_mm", "grouped_mm_wgrad", "group_row_sum", "add_group_bias", "zero_empty_groups"]
 
 _STRIDE_BYTES = 16
 # dtypes for which torch._grouped_mm on CUDA has a fast, sync-free kernel (sm90+).
@@ -194,13 +196,13 @@ def grouped_mm_wgrad(a_TK: torch.Tensor, b_TN: torch.Tensor, offs_G: torch.Tenso
     al = _align(a_TK.dtype)
     k_to, n_to = _round_up(K, al), _round_up(N, al)
     a, b = _pad_2d(a_TK, k_to), _pad_2d(b_TN, n_to)
-    out = _zero_empty_groups(torch._grouped_mm(a.t(), b, offs=offs_G), offs_G)
+    out = zero_empty_groups(torch._grouped_mm(a.t(), b, offs=offs_G), offs_G)
     if k_to != K or n_to != N:
         out = out[:, :K, :N]
     return out
 
 
-def _zero_empty_groups(out_GKN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+def zero_empty_groups(out_GKN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
     """Write zeros into the groups with no rows (whatever the kernel left there).
 
     CUDA: a Triton kernel whose programs for non-empty groups exit after reading two
@@ -222,3 +224,12 @@ def group_row_sum(x_TN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
     al = _align(x_TN.dtype)
     ones_TA = x_TN.new_ones(x_TN.shape[0], al)
     return grouped_mm_wgrad(ones_TA, x_TN, offs_G)[:, 0, :]
+
+
+def add_group_bias(y_TN: torch.Tensor, bias_GN: Optional[torch.Tensor], offs_G: torch.Tensor) -> torch.Tensor:
+    """``y[r] += bias[group(r)]`` in place; rows past ``offs[-1]`` get no bias."""
+    if bias_GN is None:
+        return y_TN
+    gid_T = group_ids(offs_G, y_TN.shape[0])            # G for rows past offs[-1]
+    table_GN = torch.cat([bias_GN, bias_GN.new_zeros(1, bias_GN.shape[1])])
+    return y_TN.add_(table_GN.index_select(0, gid_T))

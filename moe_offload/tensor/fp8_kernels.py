@@ -1,5 +1,10 @@
 """Fused Triton kernels for FP8 current scaling (CUDA only; imported lazily).
 
+A public kernel module: besides the two quantizers, its ``@triton.jit`` helpers
+(:func:`group_table`, :func:`scale_of`, :func:`amax_out`, :func:`to_fp8`) and
+:func:`block_g` are shared with the FP8 activation kernels of ``moe_offload.ops``, so
+every FP8 code in the library comes from the same few lines.
+
 Two launches quantize a grouped ``(T, K)`` activation (plus one ``zeros`` for the amax
 scratch), instead of ~50 small torch ops:
 
@@ -37,7 +42,7 @@ rounded down to a power of two by masking the mantissa (the scale is always a no
 number: ``448 / fp32_max`` is); codes ``rtne(clamp(fp32(x) * scale))``;
 ``scale_inv = div_rn(1, scale)`` (torch's ``reciprocal`` is IEEE division).
 Bit-identity with the torch reference is tested on the GPU
-(``tests/tensor/test_fused_cuda.py``).
+(``tests/tensor/test_fp8_kernels.py``).
 
 Concurrency: the amax scratch is zeroed on the launching stream before the atomics,
 and the cast kernel runs after the amax kernel on the same stream, so it sees the
@@ -53,15 +58,14 @@ import triton
 import triton.language as tl
 
 from .formats import fp8_max
-from .grouped_storage import columnwise_width
+from .grouped_storage import MAX_FUSED_GROUPS, columnwise_width
 
-__all__ = ["fp8_group_quantize_fused", "fp8_weight_quantize_fused", "MAX_FUSED_GROUPS"]
-
-from .group_quantize import MAX_FUSED_GROUPS  # noqa: E402  (one definition)
+__all__ = ["fp8_group_quantize_fused", "fp8_weight_quantize_fused", "group_amax_bits",
+           "MAX_FUSED_GROUPS", "group_table", "scale_of", "amax_out", "to_fp8", "block_g"]
 
 
 @triton.jit
-def _groups(offs_ptr, G, BLOCK_G: tl.constexpr, COL_ALIGN: tl.constexpr):
+def group_table(offs_ptr, G, BLOCK_G: tl.constexpr, COL_ALIGN: tl.constexpr):
     """Per-group vectors from the int32 end offsets: index, mask, row start, row end,
     size, padded column count and padded column end."""
     g = tl.arange(0, BLOCK_G)
@@ -75,7 +79,7 @@ def _groups(offs_ptr, G, BLOCK_G: tl.constexpr, COL_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _scale_of(bits, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
+def scale_of(bits, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
     """fp32 scale from the int32 bits of a non-negative amax (see module docstring)."""
     amax = bits.to(tl.float32, bitcast=True)
     ok = (bits > 0) & (bits < 0x7F800000)  # > 0 and finite (NaN bits sort above inf)
@@ -92,13 +96,13 @@ def _scale_of(bits, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
 
 
 @triton.jit
-def _amax_out(bits):
+def amax_out(bits):
     """fp32 amax from its bits, NaN canonicalized to the reference's NaN."""
     return tl.where(bits > 0x7F800000, 0x7FC00000, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _to_fp8(y, FP8_MAX: tl.constexpr, E5M2: tl.constexpr):
+def to_fp8(y, FP8_MAX: tl.constexpr, E5M2: tl.constexpr):
     y = tl.where(y > FP8_MAX, FP8_MAX, y)  # where keeps NaN (minimum would not)
     y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
     if E5M2:
@@ -120,7 +124,7 @@ def _group_amax_kernel(x_ptr, offs_ptr, amax_ptr, T, K, G,
         x = tl.load(row + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
         acc = tl.maximum(acc, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True))
     rmax = tl.max(acc, axis=1)
-    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 1)
+    g, gm, start, end, size, padded, cend = group_table(offs_ptr, G, BLOCK_G, 1)
     gid = tl.sum((gm[None, :] & (end[None, :] <= r[:, None])).to(tl.int32), axis=1)
     hit = (gid[:, None] == g[None, :]) & rm[:, None]
     gmax = tl.max(tl.where(hit, rmax[:, None], -1), axis=0)
@@ -139,9 +143,9 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
     c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < K
-    g, gm, start, end, size, padded, cend = _groups(offs_ptr, G, BLOCK_G, 16)
+    g, gm, start, end, size, padded, cend = group_table(offs_ptr, G, BLOCK_G, 16)
     bits = tl.load(amax_ptr + g, mask=gm, other=0)
-    scale = _scale_of(bits, FP8_MAX, POW2)
+    scale = scale_of(bits, FP8_MAX, POW2)
     sinv = tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), scale)
     if COLS:
         # c: padded column; columns past the last group serve the tail rows
@@ -169,11 +173,11 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
                 other=0.0).to(tl.float32)
     y = x * s[:, None]
     if ROWS:
-        tl.store(row_ptr + src[:, None] * K + k[None, :], _to_fp8(y, FP8_MAX, E5M2),
+        tl.store(row_ptr + src[:, None] * K + k[None, :], to_fp8(y, FP8_MAX, E5M2),
                  mask=has_src[:, None] & km[None, :])
     if COLS:
         tl.store(col_ptr + k[:, None].to(tl.int64) * Tc + c[None, :],
-                 _to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & (c < Tc)[None, :])
+                 to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & (c < Tc)[None, :])
     if ROW_SCALE:
         if pk == 0:
             rs = tl.where(tail, 1.0, tl.sum(tl.where(sel, sinv[None, :], 0.0), axis=1))
@@ -184,7 +188,7 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
             tl.store(kscale_ptr + g[:, None] * K + k[None, :], ks, mask=gm[:, None] & km[None, :])
     if pc == 0:
         if pk == 0:
-            tl.store(amax_out_ptr + g, _amax_out(bits), mask=gm)
+            tl.store(amax_out_ptr + g, amax_out(bits), mask=gm)
             tl.store(sinv_ptr + g, sinv, mask=gm)
             if COLS:
                 tl.store(csinv_ptr + g, sinv, mask=gm)
@@ -196,7 +200,7 @@ def _fp8_cast_kernel(x_ptr, offs_ptr, amax_ptr, row_ptr, col_ptr, rscale_ptr, ks
 CAST_CONFIG = {"cols": (16, 512, 4), "rows": (1, 4096, 4)}
 
 
-def _block_g(G: int) -> int:
+def block_g(G: int) -> int:
     return max(2, triton.next_power_of_2(G))
 
 
@@ -210,7 +214,7 @@ def group_amax_bits(x_TK: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
         BLOCK_R, BLOCK_K = 16, min(512, triton.next_power_of_2(K))
         _group_amax_kernel[(triton.cdiv(T, BLOCK_R),)](
             x_TK, offs_G, amax_bits, T, K, G, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-            BLOCK_G=_block_g(G), num_warps=4)
+            BLOCK_G=block_g(G), num_warps=4)
     return amax_bits
 
 
@@ -256,7 +260,7 @@ def fp8_group_quantize_fused(x_TK: torch.Tensor, offs_G: torch.Tensor, dtype: to
         coffs if coffs is not None else dummy, T, K, Tc, G,
         FP8_MAX=fp8_max(dtype), E5M2=dtype == torch.float8_e5m2, POW2=power_2_scale,
         ROWS=rowwise, COLS=columnwise, ROW_SCALE=row_scale, K_SCALE=k_scale,
-        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_G=_block_g(G), num_warps=warps)
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_G=block_g(G), num_warps=warps)
     if rowwise:
         out["rowwise_data"], out["rowwise_scale_inv"] = row, scale_inv
     if columnwise:
@@ -298,7 +302,7 @@ def _fp8_weight_kernel(w_ptr, amax_ptr, row_ptr, t_ptr, nscale_ptr, kscale_ptr, 
     km = k < K
     one = tl.arange(0, 2)  # a 2-vector holding this expert's amax bits in lane 0
     bits = tl.load(amax_ptr + b + one, mask=one < 1, other=0)
-    scale_v = _scale_of(bits, FP8_MAX, POW2)
+    scale_v = scale_of(bits, FP8_MAX, POW2)
     sinv_v = tl.math.div_rn(tl.full([2], 1.0, tl.float32), scale_v)
     scale = tl.sum(tl.where(one < 1, scale_v, 0.0), axis=0)
     sinv = tl.sum(tl.where(one < 1, sinv_v, 0.0), axis=0)
@@ -307,16 +311,16 @@ def _fp8_weight_kernel(w_ptr, amax_ptr, row_ptr, t_ptr, nscale_ptr, kscale_ptr, 
                 other=0.0).to(tl.float32)
     y = x * scale
     tl.store(row_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :],
-             _to_fp8(y, FP8_MAX, E5M2), mask=m)
+             to_fp8(y, FP8_MAX, E5M2), mask=m)
     if TRANS:
         tl.store(t_ptr + b * K * N + k[:, None].to(tl.int64) * N + n[None, :],
-                 _to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & nm[None, :])
+                 to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & nm[None, :])
         if pn == 0:
             tl.store(kscale_ptr + b * K + k, tl.zeros([BLOCK_K], dtype=tl.float32) + sinv, mask=km)
     if pk == 0:
         tl.store(nscale_ptr + b * N + n, tl.zeros([BLOCK_N], dtype=tl.float32) + sinv, mask=nm)
         if pn == 0:
-            tl.store(amax_out_ptr + b + one, _amax_out(bits), mask=one < 1)
+            tl.store(amax_out_ptr + b + one, amax_out(bits), mask=one < 1)
             tl.store(sinv_ptr + b + one, sinv_v, mask=one < 1)
 
 
