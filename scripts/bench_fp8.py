@@ -13,7 +13,7 @@ columnwise) 1.23 ms wall.  With the fused kernels (``--profile --iters 10`` and
 ``--iters 20``, two H100 leases): FP8 3.99 / 4.17 ms vs bf16 3.80 / 3.93 ms (0.95x /
 0.94x); group_quantize of x 0.31 / 0.27 ms; fc1 GEMM alone bf16 0.76 ms, FP8 0.53-0.55
 ms (~1000-1040 TFLOP/s); fc1 wgrad GEMM alone bf16 0.79-0.84 ms, FP8 0.59-0.61 ms.  See
-moe_offload/ops/quantized.py for the breakdown and why >= 1.3x is out of reach.
+moe_offload/ops/gemm/fp8.py for the breakdown and why >= 1.3x is out of reach.
 
 The probe prints, for the installed torch, whether ``torch._scaled_grouped_mm`` runs the
 2D x 3D (forward/dgrad) and 2D x 2D (wgrad) layouts with rowwise fp32 scales, which group
@@ -105,7 +105,9 @@ def _median_ms(fn, iters, warmup=5):
 def bench(T, H, F, E, iters, profile=False):
     """Median fwd+bwd time of one grouped SwiGLU MLP, bf16 vs each FP8 recipe path."""
     from moe_offload.ops.grouped_mlp import grouped_mlp
-    from moe_offload.ops.quantized import quantized_grouped_mlp
+
+    def quantized_grouped_mlp(x, offs, w1, b1, w2, b2, probs, activation, recipe):
+        return grouped_mlp(x, offs, w1, b1, w2, b2, probs, activation, recipe=recipe)
     dev = "cuda"
     torch.manual_seed(0)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -196,60 +198,61 @@ def bench(T, H, F, E, iters, profile=False):
 
 
 def breakdown(x, w1, w2, dy, offs, iters):
-    """Median CUDA-event time of each piece of the FP8 step, run alone, and their sum."""
+    """Median CUDA-event time of each piece of the FP8 step, run alone, and their sum
+    (through the FP8 GEMM backend's public methods)."""
     from moe_offload.ops.activations import act_backward, act_forward
-    from moe_offload.ops.quantized import _cover_all_rows, _dgrad_mm, _fwd_mm, _q, _quantize_weight, _wgrad_mm
+    from moe_offload.ops.gemm.base import Rows
+    from moe_offload.ops.gemm.fp8 import Fp8Backend
+    from moe_offload.tensor import fp8_kernels
+    B, bf = Fp8Backend(), torch.bfloat16
     T, H = x.shape
-    G, X, _ = w1.shape
-    F = w2.shape[2]
     x, w1, w2 = x.detach(), w1.detach(), w2.detach()
-    cover = _cover_all_rows(offs, T)
-    xa = _q(x, "fp8", offs, True, True, True)
-    w1q = _quantize_weight(w1, "fp8", True, True)
-    w2q = _quantize_weight(w2, "fp8", True, True)
-    h = _fwd_mm(xa, w1q, offs, cover, G, X, True, torch.bfloat16)
-    ha = _q(h, "fp8", offs, True, False)
+    rows = Rows(offs, T, covered=True)
+    xa = B.quantize_act(x, offs, True, True)
+    w1q, w2q = B.quantize_weight(w1, True), B.quantize_weight(w2, True)
+    w1d, w2d = B.weight_for_dgrad(w1, w1q.meta_G), B.weight_for_dgrad(w2, w2q.meta_G)
+    h = B.forward(xa, w1q, rows, "any", bf)
+    ha = B.store(h, offs)
     a = act_forward(h, None, "swiglu")
-    from moe_offload.tensor._triton_fused import act_backward_fp8, act_forward_fp8
-    aa = _q(a, "fp8", offs, True, False, True)
-    dya = _q(dy, "fp8", offs, True, True, True)
-    da = _dgrad_mm(dya, w2q, offs, cover, G, F, True, torch.bfloat16)
-    hd = ha.q.dequantize(torch.bfloat16)
+    aa = B.quantize_act(a, offs, True, False)
+    dya = B.quantize_act(dy, offs, True, True)
+    da = B.dgrad(dya, w2d, rows, "any", bf)
+    hd = B.load(ha, bf)
     dh, _, a2 = act_backward(hd, None, da, "swiglu")
-    aca = _q(a2, "fp8", offs, False, True, True)
-    dha = _q(dh, "fp8", offs, True, True, True)
+    aca = B.quantize_act(a2, offs, False, True)
+    dha = B.quantize_act(dh, offs, True, True)
     pieces = [
-        ("fwd  quantize x (rows+cols)", lambda: _q(x, "fp8", offs, True, True, True)),
-        ("fwd  quantize w1 (rows+transposed)", lambda: _quantize_weight(w1, "fp8", True, True)),
-        ("fwd  quantize w2 (rows+transposed)", lambda: _quantize_weight(w2, "fp8", True, True)),
-        ("fwd  fc1 GEMM", lambda: _fwd_mm(xa, w1q, offs, cover, G, X, True, torch.bfloat16)),
-        ("fwd  quantize h (rows, saved)", lambda: _q(h, "fp8", offs, True, False)),
+        ("fwd  quantize x (rows+cols)", lambda: B.quantize_act(x, offs, True, True)),
+        ("fwd  quantize w1 (rows)", lambda: B.quantize_weight(w1, True)),
+        ("fwd  quantize w2 (rows)", lambda: B.quantize_weight(w2, True)),
+        ("fwd  fc1 GEMM", lambda: B.forward(xa, w1q, rows, "any", bf)),
+        ("fwd  quantize h (rows, saved)", lambda: B.store(h, offs)),
         ("fwd  act_forward", lambda: act_forward(h, None, "swiglu")),
-        ("fwd  quantize a (rows)", lambda: _q(a, "fp8", offs, True, False, True)),
-        ("fwd  FUSED act+h codes+amax(a)", lambda: act_forward_fp8(h, offs, None, "swiglu", True, True)),
-        ("fwd  fc2 GEMM", lambda: _fwd_mm(aa, w2q, offs, cover, G, H, True, torch.bfloat16)),
-        ("bwd  quantize dy (rows+cols)", lambda: _q(dy, "fp8", offs, True, True, True)),
-        ("bwd  fc2 dgrad GEMM", lambda: _dgrad_mm(dya, w2q, offs, cover, G, F, True, torch.bfloat16)),
-        ("bwd  dequantize h", lambda: ha.q.dequantize(torch.bfloat16)),
+        ("fwd  quantize a (rows)", lambda: B.quantize_act(a, offs, True, False)),
+        ("fwd  FUSED act+h codes, then cast a", lambda: B.activation_forward(h, None, "swiglu", rows, True, B)),
+        ("fwd  fc2 GEMM", lambda: B.forward(aa, w2q, rows, "zero_input", bf)),
+        ("bwd  quantize dy (rows+cols)", lambda: B.quantize_act(dy, offs, True, True)),
+        ("bwd  re-quantize w2 (transposed)", lambda: B.weight_for_dgrad(w2, w2q.meta_G)),
+        ("bwd  fc2 dgrad GEMM", lambda: B.dgrad(dya, w2d, rows, "any", bf)),
+        ("bwd  dequantize h", lambda: B.load(ha, bf)),
         ("bwd  act_backward", lambda: act_backward(hd, None, da, "swiglu")),
-        ("bwd  FUSED act_backward from h codes", lambda: act_backward_fp8(
-            ha.q.rowwise_data, ha.q.rowwise_scale_inv, offs, ha.q.shape, torch.bfloat16, None, da, "swiglu", True)),
-        ("bwd  quantize a (cols)", lambda: _q(a2, "fp8", offs, False, True, True)),
-        ("bwd  fc2 wgrad GEMM", lambda: _wgrad_mm(dya, aca, offs, G, True, torch.bfloat16)),
-        ("bwd  quantize dh (rows+cols)", lambda: _q(dh, "fp8", offs, True, True, True)),
-        ("bwd  fc1 dgrad GEMM", lambda: _dgrad_mm(dha, w1q, offs, cover, G, H, True, torch.bfloat16)),
-        ("bwd  fc1 wgrad GEMM", lambda: _wgrad_mm(dha, xa, offs, G, True, torch.bfloat16)),
+        ("bwd  FUSED act_backward from h codes", lambda: B.activation_backward(ha, None, da, "swiglu", rows, B, bf)),
+        ("bwd  quantize a (cols)", lambda: B.quantize_act(a2, offs, False, True)),
+        ("bwd  fc2 wgrad GEMM", lambda: B.wgrad(dya, aca, rows, bf)),
+        ("bwd  quantize dh (rows+cols)", lambda: B.quantize_act(dh, offs, True, True)),
+        ("bwd  re-quantize w1 (transposed)", lambda: B.weight_for_dgrad(w1, w1q.meta_G)),
+        ("bwd  fc1 dgrad GEMM", lambda: B.dgrad(dha, w1d, rows, "zero_input", bf)),
+        ("bwd  fc1 wgrad GEMM", lambda: B.wgrad(dha, xa, rows, bf)),
     ]
-    from moe_offload.tensor import _triton_fused as tf
-    default = dict(tf.CAST_CONFIG)
+    default = dict(fp8_kernels.CAST_CONFIG)
     print("cast kernel configs (BLOCK_C, BLOCK_K, warps): quantize x rows+cols / rows only, ms")
     for key, cfgs in (("cols", [(16, 512, 4), (32, 128, 4), (16, 1024, 8), (8, 1024, 4)]),
                       ("rows", [(1, 4096, 4), (4, 1024, 4), (1, 4096, 8), (2, 2048, 4)])):
         for cfg in cfgs:
-            tf.CAST_CONFIG[key] = cfg
-            ms = _median_ms(lambda: _q(x, "fp8", offs, True, key == "cols", True), iters)
+            fp8_kernels.CAST_CONFIG[key] = cfg
+            ms = _median_ms(lambda: B.quantize_act(x, offs, True, key == "cols"), iters)
             print(f"  {key} {cfg}: {ms:.3f}")
-        tf.CAST_CONFIG[key] = default[key]
+        fp8_kernels.CAST_CONFIG[key] = default[key]
     total = gemm = 0.0
     print("breakdown (each piece alone, median CUDA-event ms):")
     for name, fn in pieces:
@@ -258,7 +261,7 @@ def breakdown(x, w1, w2, dy, offs, iters):
         gemm += ms if "GEMM" in name else 0.0
         print(f"  {name:40s} {ms:7.3f}")
     print(f"  sum {total:.3f} ms (GEMMs {gemm:.3f}, the rest {total - gemm:.3f}); the step runs the FUSED"
-          " rows instead of quantize h + act_forward + amax(a) and dequantize h + act_backward")
+          " rows instead of quantize h + act_forward + quantize a and dequantize h + act_backward")
 
 
 def main(argv=None):
