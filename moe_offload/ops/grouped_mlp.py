@@ -154,8 +154,11 @@ class GroupedMLP(nn.Module):
             ones fc1 produces ``h = [a | b]`` of width ``2F`` and the **first half ``a``
             is the gate**.
         bias: learn ``fc1_bias`` ``(G, X)`` and ``fc2_bias`` ``(G, H)``.
-        recipe: ``None`` (parameter dtype) or ``"fp8"``/``"mxfp8"``/``"nvfp4"``
-            (``moe_offload.ops.quantized.quantized_grouped_mlp``).
+        recipe: ``None`` (parameter dtype) or ``"fp8"``/``"mxfp8"``/``"nvfp4"`` (the GEMM
+            backends of :mod:`moe_offload.ops.gemm`; MXFP8/NVFP4 need ``hidden_size`` and
+            ``ffn_hidden_size`` to be multiples of 32/16, checked here).  Quantized
+            recipes save ``x`` (columnwise codes) and ``h`` (rowwise codes) and ignore
+            ``recompute``; see docs/quantization.md for the bytes.
         recompute: what backward recomputes instead of saving:
 
             - ``"activation"`` (default): saves ``x`` ``(T, H)`` and the fc1 output
@@ -165,7 +168,8 @@ class GroupedMLP(nn.Module):
             - ``"fc1"``: saves only ``x`` (+ ``probs``, the offsets); fc1 and the activation
               are recomputed (one more fc1 GEMM).  bf16: ``2H`` bytes/token (+ 4).
 
-            Weights are saved by reference and marked never-offload.
+            Weights are saved by reference and marked never-offload (quantized recipes
+            re-quantize them in backward: no weight copy is kept by the graph).
 
     Parameters: ``fc1_weight`` ``(G, X, H)``, ``fc2_weight`` ``(G, H, F)``, and with
     ``bias`` ``fc1_bias`` ``(G, X)``, ``fc2_bias`` ``(G, H)``.
