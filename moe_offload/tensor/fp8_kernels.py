@@ -291,8 +291,8 @@ def _weight_amax_kernel(w_ptr, amax_ptr, N, K, BLOCK_R: tl.constexpr, BLOCK_K: t
 @triton.jit
 def _fp8_weight_kernel(w_ptr, amax_ptr, row_ptr, t_ptr, nscale_ptr, kscale_ptr, amax_out_ptr,
                        sinv_ptr, N, K, FP8_MAX: tl.constexpr, E5M2: tl.constexpr,
-                       POW2: tl.constexpr, TRANS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       POW2: tl.constexpr, ROWS: tl.constexpr, TRANS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -310,38 +310,49 @@ def _fp8_weight_kernel(w_ptr, amax_ptr, row_ptr, t_ptr, nscale_ptr, kscale_ptr, 
     x = tl.load(w_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :], mask=m,
                 other=0.0).to(tl.float32)
     y = x * scale
-    tl.store(row_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :],
-             to_fp8(y, FP8_MAX, E5M2), mask=m)
+    if ROWS:
+        tl.store(row_ptr + b * N * K + n[:, None].to(tl.int64) * K + k[None, :],
+                 to_fp8(y, FP8_MAX, E5M2), mask=m)
     if TRANS:
         tl.store(t_ptr + b * K * N + k[:, None].to(tl.int64) * N + n[None, :],
                  to_fp8(tl.trans(y), FP8_MAX, E5M2), mask=km[:, None] & nm[None, :])
         if pn == 0:
             tl.store(kscale_ptr + b * K + k, tl.zeros([BLOCK_K], dtype=tl.float32) + sinv, mask=km)
     if pk == 0:
-        tl.store(nscale_ptr + b * N + n, tl.zeros([BLOCK_N], dtype=tl.float32) + sinv, mask=nm)
+        if ROWS:
+            tl.store(nscale_ptr + b * N + n, tl.zeros([BLOCK_N], dtype=tl.float32) + sinv, mask=nm)
         if pn == 0:
             tl.store(amax_out_ptr + b + one, amax_out(bits), mask=one < 1)
             tl.store(sinv_ptr + b + one, sinv_v, mask=one < 1)
 
 
 def fp8_weight_quantize_fused(w_GNK: torch.Tensor, dtype: torch.dtype, power_2_scale: bool,
-                              transposed: bool) -> dict:
+                              transposed: bool, rowwise: bool = True,
+                              amax: Optional[torch.Tensor] = None) -> dict:
     """Per-expert FP8 codes of a contiguous CUDA ``(G, N, K)`` weight in 3 launches.
 
-    Returns ``rowwise_data`` ``(G*N*K,)``, ``amax`` / ``scale_inv`` ``(G,)``,
-    ``n_scale_GN`` (``scale_inv`` per output row, flat) and, if ``transposed``,
-    ``w_t_GKN`` (the same codes transposed per expert) and ``k_scale_GK``.
+    Returns ``amax`` / ``scale_inv`` ``(G,)``, with ``rowwise`` the ``rowwise_data``
+    ``(G*N*K,)`` and ``n_scale_GN`` (``scale_inv`` per output row, flat), and with
+    ``transposed`` ``w_t_GKN`` (the same codes transposed per expert) and ``k_scale_GK``.
+    ``amax``: the per-expert amax an earlier call returned (fp32 ``(G,)``); the amax pass
+    is then skipped (one read of the weight instead of two) and the codes are the bits
+    that call would have written: its bits are the kernel's own (NaN canonicalized,
+    which the scale treats as any NaN).
     """
     G, N, K = w_GNK.shape
     dev = w_GNK.device
-    amax_bits = torch.zeros(G, dtype=torch.int32, device=dev)
-    BLOCK_R, BLOCK_KA = 16, min(512, triton.next_power_of_2(K))
-    _weight_amax_kernel[(triton.cdiv(N, BLOCK_R), G)](w_GNK, amax_bits, N, K, BLOCK_R=BLOCK_R,
-                                                       BLOCK_K=BLOCK_KA, num_warps=4)
+    if amax is not None:
+        amax_bits = amax.float().contiguous().view(torch.int32)
+    else:
+        amax_bits = torch.zeros(G, dtype=torch.int32, device=dev)
+        BLOCK_R, BLOCK_KA = 16, min(512, triton.next_power_of_2(K))
+        _weight_amax_kernel[(triton.cdiv(N, BLOCK_R), G)](w_GNK, amax_bits, N, K, BLOCK_R=BLOCK_R,
+                                                           BLOCK_K=BLOCK_KA, num_warps=4)
     f32 = dict(dtype=torch.float32, device=dev)
-    out = {"amax": torch.empty(G, **f32), "scale_inv": torch.empty(G, **f32),
-           "rowwise_data": torch.empty(G * N * K, dtype=dtype, device=dev),
-           "n_scale_GN": torch.empty(G * N, **f32)}
+    out = {"amax": torch.empty(G, **f32), "scale_inv": torch.empty(G, **f32)}
+    if rowwise:
+        out["rowwise_data"] = torch.empty(G * N * K, dtype=dtype, device=dev)
+        out["n_scale_GN"] = torch.empty(G * N, **f32)
     if transposed:
         out["w_t_GKN"] = torch.empty(G, K, N, dtype=dtype, device=dev)
         out["k_scale_GK"] = torch.empty(G * K, **f32)
@@ -349,8 +360,8 @@ def fp8_weight_quantize_fused(w_GNK: torch.Tensor, dtype: torch.dtype, power_2_s
     BLOCK_N, BLOCK_K = 64, 64
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K), G)
     _fp8_weight_kernel[grid](
-        w_GNK, amax_bits, out["rowwise_data"], out.get("w_t_GKN", dummy), out["n_scale_GN"],
-        out.get("k_scale_GK", dummy), out["amax"], out["scale_inv"], N, K,
+        w_GNK, amax_bits, out.get("rowwise_data", dummy), out.get("w_t_GKN", dummy),
+        out.get("n_scale_GN", dummy), out.get("k_scale_GK", dummy), out["amax"], out["scale_inv"], N, K,
         FP8_MAX=fp8_max(dtype), E5M2=dtype == torch.float8_e5m2, POW2=power_2_scale,
-        TRANS=transposed, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+        ROWS=rowwise, TRANS=transposed, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
     return out

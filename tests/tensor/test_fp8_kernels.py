@@ -85,6 +85,21 @@ def test_fused_weight_bit_identical(transposed):
         assert torch.equal(o["k_scale_GK"].cpu(), ref.rowwise_scale_inv.repeat_interleave(K))
 
 
+def test_fused_weight_transposed_only_from_given_amax():
+    """The backward's call (transposed codes only, amax from the forward, no amax pass)
+    writes the bits of the full call, NaN and zero experts included."""
+    from moe_offload.tensor.fp8_kernels import fp8_weight_quantize_fused
+    G, N, K = 4, 80, 200
+    w = (torch.randn(G, N, K) * torch.tensor([0.01, 3.0, 500.0, 1.0]).view(G, 1, 1)).to(torch.bfloat16).cuda()
+    w[3] = 0
+    w[2, 5, 7] = float("nan")
+    full = fp8_weight_quantize_fused(w, torch.float8_e4m3fn, False, True)
+    part = fp8_weight_quantize_fused(w, torch.float8_e4m3fn, False, True, rowwise=False, amax=full["amax"])
+    assert "rowwise_data" not in part and "n_scale_GN" not in part
+    assert torch.equal(part["w_t_GKN"].view(torch.uint8), full["w_t_GKN"].view(torch.uint8))
+    assert torch.equal(part["k_scale_GK"], full["k_scale_GK"])
+
+
 def test_fused_no_host_sync_and_few_launches():
     from torch.profiler import ProfilerActivity, profile
     x = _x(4096, 512).cuda()
