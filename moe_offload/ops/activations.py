@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..tensor.row_groups import live_rows
+
 __all__ = ["ACTIVATIONS", "GATED", "is_gated", "check_activation", "act_forward",
            "act_backward"]
 
@@ -66,11 +68,9 @@ def _act_and_grad(a: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch
     return torch.relu(a), (a > 0).to(a.dtype)
 
 
-def _live_rows(rows_end: Optional[torch.Tensor], num_rows: int, device) -> Optional[torch.Tensor]:
-    """``(T, 1)`` bool mask of rows before ``rows_end`` (a 1-element device tensor)."""
-    if rows_end is None:
-        return None
-    return (torch.arange(num_rows, device=device) < rows_end).unsqueeze(1)
+def _live_rows(rows_end: Optional[torch.Tensor], num_rows: int) -> Optional[torch.Tensor]:
+    """``(T, 1)`` bool mask of rows before ``rows_end``, ``None`` when there is no tail."""
+    return None if rows_end is None else live_rows(rows_end, num_rows)
 
 
 def act_forward(h_TX: torch.Tensor, probs_T: Optional[torch.Tensor], activation: str,
@@ -92,7 +92,7 @@ def act_forward(h_TX: torch.Tensor, probs_T: Optional[torch.Tensor], activation:
         z = z * hf[:, F_:]
     if probs_T is not None:
         z = z * _wide(probs_T).unsqueeze(1)
-    live = _live_rows(rows_end, z.shape[0], z.device)
+    live = _live_rows(rows_end, z.shape[0])
     if live is not None:
         z = torch.where(live, z, z.new_zeros(()))
     return z.to(h_TX.dtype)
@@ -123,7 +123,7 @@ def act_backward(h_TX: torch.Tensor, probs_T: Optional[torch.Tensor], d_out_TF: 
     else:
         d_h = dz * df
     out = z * p if p is not None else z
-    live = _live_rows(rows_end, d_h.shape[0], d_h.device)
+    live = _live_rows(rows_end, d_h.shape[0])
     if live is not None:
         zero = d_h.new_zeros(())
         d_h, out = torch.where(live, d_h, zero), torch.where(live, out, zero)
