@@ -18,11 +18,11 @@ from torch import nn
 from ..offload.marks import mark_not_offload, start_offload
 from ..tensor.row_groups import SplitSizes, offsets_from_splits
 from .checks import check_grouped_input, check_int
-from .gemm import RECIPES, backend_for, check_recipe
+from .gemm import backend_for, check_recipe
 from .gemm.base import GemmBackend, Operand, Rows, load_record, save_record
 from .grouped_gemm import add_group_bias, group_row_sum
 
-__all__ = ["GroupedLinear", "grouped_linear", "RECIPES", "check_recipe", "check_grouped_input"]
+__all__ = ["GroupedLinear", "grouped_linear", "SavedLinear"]
 
 
 @dataclass

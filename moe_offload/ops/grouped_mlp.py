@@ -3,8 +3,9 @@
 Shape legend: ``T`` rows (token copies routed to experts), ``H`` hidden, ``F`` ffn
 hidden, ``X`` fc1 width (``2F`` gated, ``F`` otherwise), ``G`` groups (experts).
 
-One autograd function does the whole MLP so that backward can recompute the cheap
-activation instead of saving it (see :class:`GroupedMLP` for what is saved).
+One autograd function does the whole MLP, for every precision, so that backward can
+recompute the cheap activation instead of saving it (see :class:`GroupedMLP` for what
+is saved).  The precision of each GEMM is its backend (:mod:`.gemm`).
 
 Measured (H100, torch 2.11, T=16384 H=4096 F=2048 E=8 bf16 SwiGLU, uniform device
 splits, ``scripts/bench_grouped_mlp.py``, median of 40): fwd+bwd 4.12 ms against
@@ -29,7 +30,7 @@ from .gemm import backend_for, check_recipe
 from .gemm.base import GemmBackend, Operand, Rows, load_record, save_record
 from .grouped_gemm import add_group_bias, group_row_sum
 
-__all__ = ["GroupedMLP", "grouped_mlp", "RECOMPUTE_MODES"]
+__all__ = ["GroupedMLP", "grouped_mlp", "SavedMLP", "RECOMPUTE_MODES"]
 
 RECOMPUTE_MODES = ("activation", "fc1")
 
