@@ -32,8 +32,10 @@ here: on the H100 (Triton 3.6) the columnwise codes came out wrong for an fp32 t
 (the register transpose of its layout), while the interpreter gave the right ones.
 
 Weights ``(G, N, K)`` get the same two steps with the expert as the group
-(``_weight_amax_kernel``, ``_fp8_weight_kernel``); the cast writes the rowwise codes and
-the per-expert transposed ``(G, K, N)`` codes the dgrad needs from one read.
+(``_weight_amax_kernel``, ``_fp8_weight_kernel``); the cast writes the rowwise codes and/or
+the per-expert transposed ``(G, K, N)`` codes the dgrad needs from one read.  The FP8
+layers call it twice per step: rowwise in forward, transposed in backward with the
+forward's amax (no second amax pass), so no weight codes outlive a pass.
 
 Numerics are the reference's (:func:`..formats.amax_to_scale`): ``scale = 448 / amax``
 (``div_rn``: correctly rounded, like torch's tensor/tensor division; Triton's ``/`` is
