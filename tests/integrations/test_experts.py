@@ -1,0 +1,153 @@
+"""The "moe_offload" experts implementation against HF's "eager" and "grouped_mm"."""
+import functools
+
+import pytest
+import torch
+
+from ._models import ARCHS, batch, loss_of, tiny_model, transformers
+from moe_offload.integrations.transformers import (inspect_experts, set_recipe,
+                                                   use_moe_offload_experts)
+
+
+def _run(model, ids):
+    out = loss_of(model, ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), out.aux_loss.detach(), grads
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(arch, impl):
+    """HF's own run of the shared batch (cached: several tests compare against it)."""
+    return _run(tiny_model(arch, impl), batch())
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _experts_grad_fns(model, ids):
+    names = []
+    hooks = [m.register_forward_hook(lambda m, i, o: names.append(type(o.grad_fn).__name__))
+             for m in model.modules() if type(m).__name__.endswith("Experts")]
+    loss_of(model, ids)
+    for h in hooks:
+        h.remove()
+    return names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_eager_and_grouped_mm_fp32(arch):
+    ids = batch()
+    ours = _run(tiny_model(arch, "moe_offload"), ids)
+    worst = {}
+    for impl in ("eager", "grouped_mm"):
+        ref = _reference(arch, impl)
+        assert ours[3].keys() == ref[3].keys() and len(ref[3]) > 0
+        errs = {"logits": _rel_err(ours[0], ref[0]), "loss": _rel_err(ours[1], ref[1]),
+                "aux_loss": _rel_err(ours[2], ref[2])}
+        errs["grads"] = max(_rel_err(ours[3][n], ref[3][n]) for n in ref[3])
+        worst[impl] = errs
+        for what, e in errs.items():
+            assert e < 1e-5, f"{arch} vs {impl}: {what} relative max error {e:.2e}"
+    print(f"\n{arch}: relative max errors {worst}")
+
+
+def test_our_function_runs_and_others_do_not():
+    ids = batch()
+    assert set(_experts_grad_fns(tiny_model("qwen3_moe", "moe_offload"), ids)) == {"_UnpermuteBackward"}
+    assert "_UnpermuteBackward" not in _experts_grad_fns(tiny_model("qwen3_moe", "grouped_mm"), ids)
+
+
+def test_set_experts_implementation_switches_both_ways():
+    ids = batch()
+    model = tiny_model("mixtral", "grouped_mm")
+    use_moe_offload_experts(model)
+    assert model.config._experts_implementation == "moe_offload"
+    assert set(_experts_grad_fns(model, ids)) == {"_UnpermuteBackward"}
+    model.set_experts_implementation("grouped_mm")
+    assert "_UnpermuteBackward" not in _experts_grad_fns(model, ids)
+    model.set_experts_implementation("moe_offload")
+    assert set(_experts_grad_fns(model, ids)) == {"_UnpermuteBackward"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_round_trip(arch):
+    ours, theirs = tiny_model(arch, "moe_offload", seed=3), tiny_model(arch, "grouped_mm", seed=4)
+    sd = ours.state_dict()
+    assert sd.keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(sd)
+    ids = batch()
+    a, b = loss_of(ours, ids).logits, loss_of(theirs, ids).logits
+    assert _rel_err(a, b) < 1e-5
+    back = tiny_model(arch, "moe_offload", seed=5)
+    back.load_state_dict(theirs.state_dict())
+    assert torch.equal(loss_of(back, ids).logits, a)
+    # our implementation holds HF's own parameters: no copies
+    exp = next(m for m in ours.modules() if type(m).__name__.endswith("Experts"))
+    assert exp.gate_up_proj.data_ptr() == sd[[k for k in sd if k.endswith("gate_up_proj")][0]].data_ptr()
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_emulated_recipes_close_to_bf16_reference(recipe):
+    ids = batch()
+    ref = _reference("qwen3_moe", "grouped_mm")
+    model = use_moe_offload_experts(tiny_model("qwen3_moe", "grouped_mm"), recipe=recipe)
+    got = _run(model, ids)
+    # 8/4-bit formats: a few percent of the largest logit, gradients finite and correlated
+    assert _rel_err(got[0], ref[0]) < 0.1
+    for n, g in ref[3].items():
+        assert torch.isfinite(got[3][n]).all()
+    set_recipe(model, None)
+    again = _run(model, ids)
+    assert _rel_err(again[0], ref[0]) < 1e-5
+
+
+def test_bad_recipe_and_unsupported_classes():
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(ValueError, match="recipe"):
+        set_recipe(model, "fp4")
+    with pytest.raises(ValueError, match="recompute"):
+        set_recipe(model, None, recompute="all")
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                    num_experts_per_tok=2)
+    gpt = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="GptOssExperts"):
+        use_moe_offload_experts(gpt)
+    exp = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    exp.act_fn = torch.nn.Tanh()
+    exp.__dict__.pop("_moe_offload_spec", None)
+    with pytest.raises(ValueError, match="Qwen3MoeExperts.*Tanh"):
+        inspect_experts(exp)
+
+
+def test_recompute_fc1_is_bitwise_equal_to_activation():
+    ids = batch()
+    a = _run(tiny_model("olmoe"), ids)
+    m = tiny_model("olmoe")
+    set_recipe(m, None, recompute="fc1")
+    b = _run(m, ids)
+    assert torch.equal(a[0], b[0])
+    for n in a[3]:
+        assert torch.equal(a[3][n], b[3][n]), n
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_grouped_mm_bf16_cuda(arch):
+    """bf16 on the GPU: our error against an fp32 run of the same weights is at most
+    2x HF grouped_mm's own bf16 error (flash-attention style bound)."""
+    ids = batch(S=256, device="cuda")
+    ref32 = _run(tiny_model(arch, "grouped_mm", device="cuda"), ids)
+    hf = _run(tiny_model(arch, "grouped_mm", dtype=torch.bfloat16, device="cuda"), ids)
+    ours = _run(tiny_model(arch, "moe_offload", dtype=torch.bfloat16, device="cuda"), ids)
+    for i, what in ((0, "logits"), (1, "loss")):
+        e_hf = (hf[i].float() - ref32[i]).abs().max().item()
+        e_us = (ours[i].float() - ref32[i]).abs().max().item()
+        assert e_us <= 2 * e_hf + 1e-6, f"{what}: ours {e_us:.3g} vs HF {e_hf:.3g}"
+    for n, g in ref32[3].items():
+        e_hf = (hf[3][n].float() - g).abs().max().item()
+        e_us = (ours[3][n].float() - g).abs().max().item()
+        assert e_us <= 2 * e_hf + 1e-6 * g.abs().max().item(), f"{n}: ours {e_us:.3g} vs HF {e_hf:.3g}"
