@@ -151,3 +151,53 @@ def test_matches_grouped_mm_bf16_cuda(arch):
         e_hf = (hf[3][n].float() - g).abs().max().item()
         e_us = (ours[3][n].float() - g).abs().max().item()
         assert e_us <= 2 * e_hf + 1e-6 * g.abs().max().item(), f"{n}: ours {e_us:.3g} vs HF {e_hf:.3g}"
+
+
+def _synthetic_experts(is_transposed, has_bias, has_gate):
+    """An experts module decorated like HF's (no model needed), random weights."""
+    from types import SimpleNamespace
+    from torch import nn
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import use_experts_implementation
+
+    E, H, F = 5, 16, 8
+    X = 2 * F if has_gate else F
+
+    @use_experts_implementation(is_transposed=is_transposed, has_bias=has_bias, has_gate=has_gate)
+    class ToyExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            shape1, shape2 = ((E, H, X), (E, F, H)) if is_transposed else ((E, X, H), (E, H, F))
+            name = "gate_up_proj" if has_gate else "up_proj"
+            setattr(self, name, nn.Parameter(torch.randn(*shape1) / 4))
+            self.down_proj = nn.Parameter(torch.randn(*shape2) / 3)
+            if has_bias:
+                setattr(self, name + "_bias", nn.Parameter(torch.randn(E, X)))
+                self.down_proj_bias = nn.Parameter(torch.randn(E, H))
+            self.act_fn = ACT2FN["silu"]
+
+    return ToyExperts(SimpleNamespace(_experts_implementation="grouped_mm"))
+
+
+@pytest.mark.parametrize("is_transposed, has_bias, has_gate",
+                         [(True, False, True), (False, True, True), (True, True, True),
+                          (False, False, False), (True, True, False)])
+def test_transposed_bias_and_ungated_layouts_match_grouped_mm(is_transposed, has_bias, has_gate):
+    mod = _synthetic_experts(is_transposed, has_bias, has_gate)
+    T, k = 13, 2
+    x = torch.randn(T, 16)
+    idx = torch.stack([torch.randperm(5)[:k] for _ in range(T)])
+    w = torch.rand(T, k)
+    dy = torch.randn(T, 16)
+    results = {}
+    for impl in ("grouped_mm", "moe_offload"):
+        mod.config._experts_implementation = impl
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        mod.zero_grad(set_to_none=True)
+        y = mod(xi, idx, wi)
+        y.backward(dy)
+        results[impl] = [y.detach(), xi.grad, wi.grad] + [p.grad for p in mod.parameters()]
+    assert "_moe_offload_spec" in mod.__dict__          # our forward ran (it caches this)
+    for a, b in zip(results["moe_offload"], results["grouped_mm"]):
+        assert _rel_err(a, b) < 1e-5
