@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+
 from ._models import (batch, clone, emulate_hooks_inside_checkpoint, loss_of, tiny_model)
 from moe_offload.integrations.transformers import find_decoder_layers, offload
 
@@ -91,16 +93,17 @@ def test_hf_checkpointing_plus_offload_bitwise_and_offloads_only_inputs(arch, pl
     assert handle.stats()["offloaded_tensors"] == 3 * n
 
 
-def test_module_hooks_still_run_once_per_layer_call():
+def test_checkpointing_enabled_after_offload_and_hooks_run_once():
     model = tiny_model("qwen3_moe")
-    model.gradient_checkpointing_enable()
     calls = []
-    layer = model.model.layers[0]
-    layer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     handle = offload(model, min_offload_bytes=0)
+    model.gradient_checkpointing_enable()          # after offload(): still only the inputs travel
     loss_of(model, batch()).loss.backward()
+    assert handle.stats()["offloaded_tensors"] == handle.num_layers
     assert len(calls) == 1          # transformers >= 5.24: hooks outside the checkpoint
     handle.remove()
+    assert type(model.model.layers[0]).__call__ is torch.nn.Module.__call__
 
 
 def test_bad_arguments_and_double_offload():
