@@ -237,3 +237,16 @@ def test_experts_forward_backward_no_host_sync_cuda():
         exp(x, idx, w).float().pow(2).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+def test_fp8_recipe_cuda():
+    """recipe="fp8" on a bf16 model (H=32, F=16: the sm90 FP8 kernel path): close to bf16."""
+    ids = batch(S=256, device="cuda")
+    ref = _run(tiny_model("qwen3_moe", "moe_offload", dtype=torch.bfloat16, device="cuda"), ids)
+    model = use_moe_offload_experts(tiny_model("qwen3_moe", "grouped_mm", dtype=torch.bfloat16,
+                                               device="cuda"), recipe="fp8")
+    got = _run(model, ids)
+    assert _rel_err(got[0].float(), ref[0].float()) < 0.1
+    for n, g in ref[3].items():
+        assert torch.isfinite(got[3][n]).all(), n

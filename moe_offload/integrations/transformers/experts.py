@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...ops.grouped_mlp import RECOMPUTE_MODES, grouped_mlp
+from ...ops.grouped_mlp import grouped_mlp
 from ...ops.routing import permute, permute_probs, sort_by_expert, unpermute
 
 __all__ = ["IMPLEMENTATION", "ExpertsSpec", "register", "inspect_experts",
@@ -62,6 +62,7 @@ __all__ = ["IMPLEMENTATION", "ExpertsSpec", "register", "inspect_experts",
 
 IMPLEMENTATION = "moe_offload"
 RECIPES = (None, "fp8", "mxfp8", "nvfp4")
+RECOMPUTE_MODES = ("activation", "fc1")      # GroupedMLP's recompute modes
 
 # Attributes we set on HF experts modules (plain Python attributes: not in state_dict).
 _RECIPE_ATTR = "moe_offload_recipe"
