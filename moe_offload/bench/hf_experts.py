@@ -77,9 +77,10 @@ def build_model(args, device):
                          router_aux_loss_coef=1e-3, max_position_embeddings=args.seq,
                          decoder_sparse_step=1, mlp_only_layers=[])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm",
-                                             attn_implementation="sdpa",
-                                             dtype=getattr(torch, args.dtype))
+    with torch.device(device):        # initialise on the device (fast for 1B+ parameters)
+        model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm",
+                                                 attn_implementation="sdpa",
+                                                 dtype=getattr(torch, args.dtype))
     return model.to(device).train()
 
 
