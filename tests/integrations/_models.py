@@ -31,7 +31,7 @@ def _config(arch: str, layers: int):
 ARCHS = ("qwen3_moe", "mixtral", "olmoe")
 
 
-def tiny_model(arch: str, impl: str = "moe_offload", layers: int = 3, seed: int = 0,
+def tiny_model(arch: str, impl: str = "moe_offload", layers: int = 2, seed: int = 0,
                dtype=torch.float32, device="cpu"):
     """A tiny ``arch`` causal LM with ``experts_implementation=impl`` (same weights per seed)."""
     torch.manual_seed(seed)

@@ -38,7 +38,7 @@ def test_finds_decoder_layers():
     ("qwen3_moe", "moe_offload", "all"), ("qwen3_moe", "moe_offload", "L-1"),
     ("mixtral", "moe_offload", "all"), ("olmoe", "grouped_mm", "L-1")])
 def test_offload_is_bitwise_over_three_adamw_steps(arch, impl, which):
-    ref = tiny_model(arch, impl)
+    ref = tiny_model(arch, impl, layers=3)
     model = clone(ref)
     ref_losses = _train(ref)
     L = len(find_decoder_layers(model))
@@ -68,7 +68,7 @@ def _layer_inputs_bytes(model, ids):
 @pytest.mark.parametrize("placement", ["hooks_outside", "hooks_inside"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_hf_checkpointing_plus_offload_bitwise_and_offloads_only_inputs(arch, placement):
-    ref = tiny_model(arch)
+    ref = tiny_model(arch, layers=3)
     model = clone(ref)
     ref_losses = _train(ref)
     model.gradient_checkpointing_enable()
