@@ -136,3 +136,21 @@ def test_offload_bitwise_bf16_cuda(gc):
             assert handle.stats()["offloaded_tensors"] > 0
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("placement", ["hooks_outside", "hooks_inside"])
+def test_reentrant_checkpointing_plus_offload_is_bitwise(placement):
+    """use_reentrant=True: the reference is the same checkpointed model without offload
+    (reentrant checkpointing itself loses the router logits' graph, which HF collects
+    through forward hooks, so it differs from plain training whatever we do)."""
+    ref = tiny_model("qwen3_moe", layers=3)
+    model = clone(ref)
+    for m in (ref, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if placement == "hooks_inside":
+            emulate_hooks_inside_checkpoint(m)
+    ref_losses = _train(ref)
+    handle = offload(model, min_offload_bytes=0)
+    losses = _train(model)
+    _assert_same_training(ref, model, ref_losses, losses)
+    assert handle.stats()["offloaded_tensors"] == 3 * handle.num_layers
