@@ -25,7 +25,9 @@ original class's, so HF's "only the outermost wrapper checkpoints" rule still ho
 whose ``__call__`` enters the context, runs the original ``__call__`` (hooks,
 checkpointing and all) and exits.  The backward recomputation calls the layer's inner
 function directly, never this ``__call__``, so it never re-enters the context.
-:meth:`OffloadHandle.remove` restores the original classes.
+:meth:`OffloadHandle.remove` restores the original classes; call it before pickling or
+deep-copying the model object (the swapped class is not importable by name, and the
+handle holds the engine); ``state_dict`` is unaffected.
 """
 from __future__ import annotations
 
