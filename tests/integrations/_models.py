@@ -15,7 +15,7 @@ def _config(arch: str, layers: int):
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   num_experts_per_tok=2, output_router_logits=True,
-                  router_aux_loss_coef=0.02, max_position_embeddings=64)
+                  router_aux_loss_coef=0.02, max_position_embeddings=512)
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16,
                                            num_experts=6, norm_topk_prob=True, **common)
