@@ -32,6 +32,10 @@ def test_finds_decoder_layers():
     assert find_decoder_layers(model) is model.model.layers
     with pytest.raises(ValueError, match="decoder layer"):
         find_decoder_layers(torch.nn.Linear(2, 2))
+    toy = torch.nn.Module()                      # no HF layers: a homogeneous list named "blocks"
+    toy.heads = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()])
+    toy.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    assert find_decoder_layers(toy) is toy.blocks
 
 
 @pytest.mark.parametrize("arch, impl, which", [
