@@ -18,12 +18,22 @@ Offload engine (``moe_offload.offload``): :func:`get_cpu_offload_context` (the
 TransformerEngine-compatible ``(context, sync)`` pair), :func:`offload_module_list`,
 :func:`offloaded_checkpoint`, and the marks :func:`mark_not_offload`,
 :func:`mark_activation_offload`, :func:`start_offload`, :func:`is_cpu_offload_enabled`.
+
+Routing helpers (``moe_offload.ops.routing``), for any MoE model code:
+:func:`sort_by_expert` (stable order of the token copies by expert and int32 end
+offsets, on the device), :func:`offsets_to_split_sizes`, :func:`permute`,
+:func:`permute_probs` and :func:`unpermute` (deterministic, optionally weighted,
+combine of the ``k`` copies of each token).
+
+Hugging Face transformers (optional): ``moe_offload.integrations.transformers``.
 """
 from .offload import (get_cpu_offload_context, is_cpu_offload_enabled,
                       mark_activation_offload, mark_not_offload, offload_module_list,
                       offloaded_checkpoint, prepare_for_saving, restore_from_saved,
                       start_offload)
 from .ops import GroupedLinear, GroupedMLP, MoE
+from .ops.routing import (offsets_to_split_sizes, permute, permute_probs, sort_by_expert,
+                          unpermute)
 from .tensor import (Float8CurrentScalingQuantizer, GroupedTensor, GroupedTensorStorage,
                      MXFP8Quantizer, NVFP4Quantizer, group_quantize)
 
@@ -36,4 +46,5 @@ __all__ = [
     "get_cpu_offload_context", "offload_module_list", "offloaded_checkpoint",
     "mark_not_offload", "mark_activation_offload", "start_offload",
     "is_cpu_offload_enabled", "prepare_for_saving", "restore_from_saved",
+    "sort_by_expert", "offsets_to_split_sizes", "permute", "permute_probs", "unpermute",
 ]
