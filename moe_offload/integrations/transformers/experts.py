@@ -151,12 +151,8 @@ def _expert_mlp(x_SH, offs_E, w1_EXH, b1_EX, w2_EHF, b2_EH, probs_S, activation:
 
     ``offs_E`` are int32 end offsets covering all ``S`` rows (every copy has an expert).
     """
-    if recipe is None:
-        return grouped_mlp(x_SH, offs_E, w1_EXH, b1_EX, w2_EHF, b2_EH, probs_S, activation,
-                           recompute=recompute, covered=True)
-    from ...ops.quantized import quantized_grouped_mlp
-    return quantized_grouped_mlp(x_SH, offs_E, w1_EXH, b1_EX, w2_EHF, b2_EH, probs_S,
-                                 activation, recipe)
+    return grouped_mlp(x_SH, offs_E, w1_EXH, b1_EX, w2_EHF, b2_EH, probs_S, activation,
+                       recompute=recompute, covered=True, recipe=recipe)
 
 
 def moe_offload_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
