@@ -44,7 +44,7 @@ class LoggingBackend(EmulateBackend):
     def query(self, event):
         return self.done
 
-    def sleep(self, stream, cycles):
+    def before_copy(self, stream, direction):
         self.log.append(("copy", stream, None))     # called right before each copy
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_offload.offload import get_cpu_offload_context, offloaded_checkpoint
+from moe_offload.offload.backend import add_copy_delays
 from tests.offload._helpers import Block, CompositeMatmul, assert_bitwise, run_stack
 
 pytestmark = pytest.mark.cuda
@@ -134,8 +135,8 @@ def test_race_random_stream_delays():
         ctx, sync = get_cpu_offload_context(True, rng.choice([2, 3, 4]), L,
                                             prefetch_layers=rng.choice([0, 1, 2]),
                                             min_offload_bytes=1024)
-        ctx._debug_delay_cycles_d2h = rng.choice([0, 20_000, 200_000, 1_000_000])
-        ctx._debug_delay_cycles_h2d = rng.choice([0, 20_000, 200_000, 1_000_000])
+        add_copy_delays(ctx, d2h_cycles=rng.choice([0, 20_000, 200_000, 1_000_000]),
+                        h2d_cycles=rng.choice([0, 20_000, 200_000, 1_000_000]))
         for layer in layers:
             layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
