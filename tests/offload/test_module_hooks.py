@@ -5,10 +5,59 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_offload.offload import offload_module_list
-from tests.offload._helpers import SMALL, Block, assert_bitwise, no_saved_tensor_hooks
+from moe_offload.offload import (get_cpu_offload_context, is_cpu_offload_enabled,
+                                 offload_module_list)
+from moe_offload.offload.params import PARAM_STORAGES
+from tests.offload._helpers import (SMALL, Block, assert_bitwise, no_saved_tensor_hooks,
+                                    run_stack)
 
 EMU = dict(emulate=True, min_offload_bytes=SMALL)
+
+
+def test_offload_module_list():
+    layers = nn.ModuleList([Block() for _ in range(4)])
+    x = torch.randn(16, 32)
+    _, ref, _ = run_stack(list(layers), x)
+    handle = offload_module_list(layers, **EMU)
+    _, got, _ = run_stack(list(layers), x)
+    assert_bitwise(ref, got)
+    s = handle.stats()
+    assert s["offloaded_tensors"] == 2 * 3 and s["inline_reloads"] == 0
+    assert handle.context.model_layers == 4
+    # An exception inside a module leaves no hooks installed.
+    bad = nn.ModuleList([Block(), nn.Linear(3, 3)])
+    handle2 = offload_module_list(bad, **EMU)
+    with pytest.raises(RuntimeError):
+        bad[1](bad[0](torch.randn(4, 32, requires_grad=True)))
+    assert no_saved_tensor_hooks() and not is_cpu_offload_enabled()
+    handle.remove()
+    handle2.remove()
+    run_stack(list(layers), x)
+    assert handle.stats()["offloaded_tensors"] == 6
+    with pytest.raises(ValueError):
+        offload_module_list(nn.ModuleList())
+
+
+def test_failed_module_pre_hook_leaves_the_outer_context_alone():
+    """The nested-context error raised in a module pre-hook must not make the post-hook
+    exit a context that never entered (which would switch the outer one off)."""
+    outer, _ = get_cpu_offload_context(True, **EMU)
+    layers = nn.ModuleList([Block()])
+    handle = offload_module_list(layers, **EMU)
+    with outer:
+        with pytest.raises(RuntimeError, match="another enabled one is active"):
+            layers[0](torch.randn(16, 32, requires_grad=True))
+        assert is_cpu_offload_enabled()
+    handle.remove()
+    assert no_saved_tensor_hooks()
+
+
+def test_parameters_registered_up_front():
+    layers = nn.ModuleList([Block()])
+    handle = offload_module_list(layers, **EMU)
+    w = layers[0].w1
+    assert PARAM_STORAGES.contains(w.untyped_storage().data_ptr(), w.device)
+    handle.remove()
 
 
 class CheckpointedLayer(Block):
