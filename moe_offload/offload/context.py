@@ -14,7 +14,9 @@ Streams: ``compute`` (the current stream when a tensor is packed), ``d2h`` and `
 (two side streams owned by the context).  No host synchronization and no
 ``record_stream`` anywhere on the normal path.
 
-Forward (pack hook, one :class:`~moe_offload.offload.record.Record` per storage range):
+Forward (pack hook, one :class:`~moe_offload.offload.record.Record` per storage range;
+its states ``COPYING -> ON_HOST -> RELOADED -> ON_HOST ... -> FREED`` are named in
+``record.py``):
 
 1. *ready*: the event ``start_offload(t)`` recorded on compute where ``t`` became final,
    or an event recorded on compute at pack time.  ``d2h`` waits on it, so the copy reads
@@ -53,6 +55,34 @@ Backward (prehook registered by ``sync`` on the layer's output node, and unpack 
 8. The host block stays with the record while autograd holds the graph (so unpacking
    twice works); it returns to the pool when the record dies, with ``last_event`` =
    the latest copy that touched it (see ``pool.py``).
+
+In-place writes (autograd's version check, which torch skips for hooked saves):
+
+9. Every saved tensor records its ``_version`` at pack.  An offloaded one also gets a
+   *version holder*: a detached alias re-pointed at an empty storage, which shares the
+   version counter and keeps no device memory alive (``record.version_holder``).  At
+   unpack a changed version raises autograd's own ``RuntimeError`` text, on every path:
+   offloaded, kept (threshold, resident layer, parameter) and opted out (the opt-out
+   hooks check too).  Dedup keys carry the version: a tensor saved, written in place
+   and saved again is two values, so the second save gets its own copy.  (On CUDA the
+   first copy may race the write; such a record is never unpacked without raising.)
+
+Entries (``__enter__``) and threads:
+
+10. With grad disabled, or while a backward runs on this thread (``graph_task_id !=
+    -1``: e.g. ``torch.utils.checkpoint`` recomputing a layer whose module hooks run
+    inside the checkpointed function), an entry is *passive*: no layer, no step, no
+    hooks (the checkpoint's own recomputation hooks stay innermost), and ``sync`` does
+    nothing.  A forward abandoned between layers (an exception outside ``with ctx``)
+    is noticed at the next entry: the previous layer's output graph is gone (a sentinel
+    held only by its prehook died), so a new step starts at layer 0.
+11. One context serves one thread at a time (its schedule is shared state): entering
+    it while another thread has it entered raises, before installing anything.  The
+    entered regions of a thread (enabled, opt-out, passive) live on one stack in
+    ``marks.py``; exiting out of order unwinds every region above and raises.
+
+Parameters never move: their storages are registered (``params.py``) and a saved
+tensor on such a storage (``w.detach()``) is kept.
 
 Tensors left on the device are returned from the pack hook as a detached alias, never
 as themselves: a saved output returned as is forms a cycle through C++ (tensor ->

@@ -1,4 +1,4 @@
-"""Layer schedule, forced releases, prefetch, misuse errors, exceptions, module hooks."""
+"""Layer schedule, forced releases, prefetch, misuse errors, exceptions."""
 import gc
 import warnings
 
