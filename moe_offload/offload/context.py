@@ -111,8 +111,8 @@ from . import marks
 from .backend import CudaBackend, EmulateBackend
 from .params import PARAM_STORAGES
 from .pool import PinnedPool
-from .record import (COPY, RANGE, Geometry, Kept, PackedComposite, Record, SavedInfo,
-                     SavedRef, State, Transport, version_holder)
+from .record import (COPY, RANGE, Geometry, Kept, PackedComposite, Record, SavedRef,
+                     State, Transport)
 
 __all__ = ["get_cpu_offload_context", "CpuOffloadContext", "OptOutContext"]
 
@@ -143,23 +143,12 @@ def _keep_pack(t):
     """Opt-out pack hook: keep ``t`` on the device, remember its version."""
     if not isinstance(t, torch.Tensor):
         return t
-    return Kept(_no_cycle(t), SavedInfo(t))
+    return Kept(t)
 
 
 def _keep_unpack(packed):
     """Opt-out unpack hook: autograd's in-place check, then the tensor."""
     return packed.unpack() if isinstance(packed, Kept) else packed
-
-
-def _no_cycle(t):
-    """What a pack hook returns to keep ``t`` as is.
-
-    Returning a saved *output* itself would make a reference cycle through C++
-    (tensor -> grad_fn -> saved variable -> tensor) that Python's gc cannot see, so the
-    graph would never be freed.  A detached alias shares storage and version counter
-    and holds no grad_fn; autograd reattaches the grad_fn on unpack.
-    """
-    return t.detach() if isinstance(t, torch.Tensor) and t.grad_fn is not None else t
 
 
 def _is_flatten_subclass(t: torch.Tensor) -> bool:
@@ -527,7 +516,7 @@ class CpuOffloadContext:
             self.counters["kept_on_device_bytes"] += nbytes
         except Exception:  # pragma: no cover - exotic tensors
             pass
-        return Kept(_no_cycle(t), SavedInfo(t))
+        return Kept(t)
 
     def _pack_obj(self, t):
         if not isinstance(t, torch.Tensor):
@@ -538,7 +527,7 @@ class CpuOffloadContext:
             return PackedComposite(type(t), meta, t.size(), t.stride(), inner)
         layer = self._layer
         if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
-            PARAM_STORAGES.add(t)      # so that detached aliases of it never move
+            PARAM_STORAGES.see(t)      # so that detached aliases of it never move
             return self._keep(t)
         if (not self.backend.is_device_tensor(t)
                 or t.layout != torch.strided or type(t) is not torch.Tensor
@@ -587,8 +576,7 @@ class CpuOffloadContext:
             if rec is not None and rec.state is State.COPYING:
                 self.counters["dedup_hits"] += 1
                 return SavedRef(rec, Geometry(t.dtype, size, stride, off,
-                                              (off * es - rec.start) // es),
-                                SavedInfo(t), version_holder(t))
+                                              (off * es - rec.start) // es), t)
         block = self.pool.acquire(nbytes)
         if block is None:
             self.counters["over_limit_tensors"] += 1
@@ -615,7 +603,7 @@ class CpuOffloadContext:
         self.counters["offloaded_tensors"] += 1
         self.counters["offloaded_bytes"] += nbytes
         return SavedRef(rec, Geometry(t.dtype, size, stride, off, (off * es - start) // es),
-                        SavedInfo(t), version_holder(t))
+                        t)
 
     # -- unpack / backward -----------------------------------------------------------
     def _unpack(self, packed):

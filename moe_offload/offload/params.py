@@ -24,11 +24,15 @@ import torch
 __all__ = ["ParamStorages", "PARAM_STORAGES"]
 
 
+
 class ParamStorages:
     """A weak registry of parameter storages, keyed by ``(data_ptr, device)``."""
 
     def __init__(self) -> None:
         self._refs: Dict[Tuple[int, torch.device], weakref.ref] = {}
+        # Addresses :meth:`see` registered already (a shortcut only: :meth:`contains`
+        # decides, and forgets the shortcuts when it finds a dead storage).
+        self._seen_ptrs = set()
 
     def add(self, p: torch.Tensor) -> None:
         """Register the storage of ``p`` (a parameter or a view of one)."""
@@ -40,6 +44,15 @@ class ParamStorages:
         ref = self._refs.get(key)
         if ref is None or ref() is not storage:
             self._refs[key] = weakref.ref(storage)
+
+    def see(self, t: torch.Tensor) -> None:
+        """Pack-hook fast path: register a saved parameter (or a view of one); a set
+        lookup when its address was registered already."""
+        ptr = t.data_ptr()
+        if ptr in self._seen_ptrs:
+            return
+        self.add(t if t._base is None else t._base)
+        self._seen_ptrs.add(ptr)
 
     def add_module(self, module: torch.nn.Module, recurse: bool = True) -> None:
         """Register every parameter of ``module``."""
@@ -55,6 +68,7 @@ class ParamStorages:
         storage = ref()
         if storage is None or storage.data_ptr() != ptr:
             del self._refs[key]
+            self._seen_ptrs.clear()
             return False
         return True
 

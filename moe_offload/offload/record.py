@@ -89,51 +89,53 @@ def version_holder(t: torch.Tensor) -> torch.Tensor:
     return holder
 
 
-class SavedInfo:
-    """What autograd's in-place error names: version, dtype, device, shape, producer."""
+def producer_of(t: torch.Tensor):
+    """``(node type, output_nr)`` of the node that made ``t``, or None for a leaf.
 
-    __slots__ = ("version", "dtype", "device", "size", "producer", "output_nr")
+    Only the type is kept, never the node: a saved value holding its own graph node
+    would form a reference cycle through C++ that gc cannot break."""
+    fn = t.grad_fn
+    return None if fn is None else (type(fn), t.output_nr)
 
-    def __init__(self, t: torch.Tensor) -> None:
-        self.version = t._version
-        self.dtype = t.dtype
-        self.device = t.device
-        self.size = tuple(t.shape)
-        fn = t.grad_fn
-        self.producer = None if fn is None else type(fn)
-        self.output_nr = 0 if fn is None else t.output_nr
 
-    def check(self, current: int) -> None:
-        """Raise autograd's ``RuntimeError`` if the saved tensor was modified in place."""
-        if current == self.version:
-            return
-        kind = torch.empty(0, dtype=self.dtype, device=self.device).type()
-        shape = "[" + ", ".join(str(s) for s in self.size) + "]"
-        made_by = ""
-        if self.producer is not None:
-            name = re.sub(r"Backward\d*$", "", self.producer.__name__)
-            made_by = f", which is output {self.output_nr} of {name},"
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by "
-            f"an inplace operation: [{kind} {shape}]{made_by} is at version {current}; "
-            f"expected version {self.version} instead. Hint: the tensor was saved "
-            "through moe_offload's offload hooks; enable anomaly detection to find the "
-            "operation that failed to compute its gradient, with "
-            "torch.autograd.set_detect_anomaly(True).")
+def check_version(current: int, saved: int, dtype, device, size, producer) -> None:
+    """Raise autograd's in-place ``RuntimeError`` when ``current != saved``."""
+    if current == saved:
+        return
+    kind = torch.empty(0, dtype=dtype, device=device).type()
+    shape = "[" + ", ".join(str(s) for s in size) + "]"
+    made_by = ""
+    if producer is not None:
+        name = re.sub(r"Backward\d*$", "", producer[0].__name__)
+        made_by = f", which is output {producer[1]} of {name},"
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{kind} {shape}]{made_by} is at version {current}; expected "
+        f"version {saved} instead. Hint: the tensor was saved through moe_offload's "
+        "offload hooks; enable anomaly detection to find the operation that failed to "
+        "compute its gradient, with torch.autograd.set_detect_anomaly(True).")
 
 
 class Kept:
     """A saved tensor left on the device (or a parameter), with its saved version."""
 
-    __slots__ = ("tensor", "info")
+    __slots__ = ("tensor", "version", "producer")
 
-    def __init__(self, tensor: torch.Tensor, info: SavedInfo) -> None:
-        self.tensor = tensor      # a detached alias (same storage and version counter)
-        self.info = info
+    def __init__(self, t: torch.Tensor) -> None:
+        producer = producer_of(t) if t.requires_grad else None
+        # A saved output returned as itself would form a cycle through C++ (tensor ->
+        # grad_fn -> saved variable -> tensor) that gc cannot break: keep a detached
+        # alias (same storage and version counter, no grad_fn; autograd reattaches it).
+        self.tensor = t if producer is None else t.detach()
+        self.version = t._version
+        self.producer = producer
 
     def unpack(self) -> torch.Tensor:
-        self.info.check(self.tensor._version)
-        return self.tensor
+        t = self.tensor
+        if t._version != self.version:
+            check_version(t._version, self.version, t.dtype, t.device, t.shape,
+                          self.producer)
+        return t
 
 
 # -- offloaded records ---------------------------------------------------------------------
@@ -287,8 +289,10 @@ class Record:
         self.tx.counters[counter] += 1
 
     def unpack(self, ref: "SavedRef") -> torch.Tensor:
-        ref.info.check(ref.holder._version)
         g = ref.geom
+        if ref.holder._version != ref.version:
+            check_version(ref.holder._version, ref.version, g.dtype, self.device, g.size,
+                          ref.producer)
         if self.state is State.COPYING:            # never released: original bytes
             if self.mode == COPY:
                 return self.gpu
@@ -359,15 +363,15 @@ class SavedRef:
     :func:`version_holder`), so an in-place write after the save is detected at unpack.
     """
 
-    __slots__ = ("record", "geom", "seen_gen", "info", "holder")
+    __slots__ = ("record", "geom", "seen_gen", "version", "producer", "holder")
 
-    def __init__(self, record: Record, geom: Geometry, info: SavedInfo,
-                 holder: torch.Tensor) -> None:
+    def __init__(self, record: Record, geom: Geometry, t: torch.Tensor) -> None:
         self.record = record
         self.geom = geom
         self.seen_gen = 0
-        self.info = info
-        self.holder = holder
+        self.version = t._version
+        self.producer = producer_of(t) if t.requires_grad else None
+        self.holder = version_holder(t)
         record.live_refs += 1
 
     def __del__(self) -> None:
