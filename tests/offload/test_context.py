@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from moe_offload.offload import get_cpu_offload_context, is_cpu_offload_enabled
-from moe_offload.offload.params import PARAM_STORAGES
 from tests.offload._helpers import SMALL, Block, assert_bitwise, no_saved_tensor_hooks, run_stack
 
 EMU = dict(emulate=True, min_offload_bytes=SMALL)
@@ -173,49 +172,3 @@ def test_below_threshold_is_counted():
     # layer 0 saves x and its hidden (twice: relu output and mm input)
     assert s["offloaded_tensors"] == 0 and s["below_threshold_tensors"] == 3
     assert s["below_threshold_bytes"] == 4 * 32 * 4 + 2 * 4 * 64 * 4
-
-
-def test_param_detach_never_offloaded():
-    """A saved ``param.detach()`` shares the parameter's storage: it must stay."""
-
-    class SaveDetached(torch.autograd.Function):
-        @staticmethod
-        def forward(c, x, w):
-            c.save_for_backward(x, w.detach())
-            return x @ w
-
-        @staticmethod
-        def backward(c, g):
-            x, w = c.saved_tensors
-            return g @ w.t(), x.t() @ g
-
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(32, 32))
-
-        def forward(self, x):
-            return SaveDetached.apply(x, self.w)
-
-    torch.manual_seed(0)
-    layers = [Lin() for _ in range(2)]
-    x = torch.randn(16, 32)
-    ref = run_stack(layers, x, None)[1]
-    _, got, ctx = run_stack(layers, x, dict(num_layers=1, model_layers=2, **EMU))
-    assert_bitwise(ref, got)
-    assert ctx.stats()["offloaded_tensors"] == 1          # x only, never the weight
-    w = layers[0].w
-    assert PARAM_STORAGES.contains(w.untyped_storage().data_ptr(), w.device)
-
-
-def test_param_detach_in_functional_code_learned_from_a_saved_parameter():
-    """No module around it: the parameter is learned when saved as itself once."""
-    w = torch.nn.Parameter(torch.randn(32, 32))
-    x = torch.randn(16, 32, requires_grad=True)
-    ctx, _ = get_cpu_offload_context(True, 1, 1, **EMU)
-    with ctx:
-        y = (x @ w).relu()                           # saves w itself
-        z = torch.mul(y, w.detach()[0])              # saves a detached row of w
-    (z.sum()).backward()
-    s = ctx.stats()
-    assert s["offloaded_tensors"] == 2               # x and y; w and its row stay
