@@ -264,6 +264,7 @@ class CpuOffloadContext:
         self._thread = None              # ident of the thread that entered
         self._lock = threading.Lock()
         self._module_hook = None
+        self._params_learned = False     # set at the first backward (see __enter__)
         self._aborted = False
         self._warned_limit = False
 
@@ -369,8 +370,13 @@ class CpuOffloadContext:
                 return self
             self._passive = False
             self._begin_layer()
-            self._module_hook = register_module_forward_pre_hook(
-                PARAM_STORAGES.module_pre_hook)
+            if not self._params_learned:
+                # First step only: learn the parameters of every module called inside
+                # the layers (params.py), so their detached aliases never move.  A
+                # global hook takes every module call off torch's fast path, so it is
+                # not kept for later steps.
+                self._module_hook = register_module_forward_pre_hook(
+                    PARAM_STORAGES.module_pre_hook)
             hooks = saved_tensors_hooks(self._pack, self._unpack)
             self._region = marks.enter_region(self, self, hooks)
         except BaseException:
@@ -635,6 +641,7 @@ class CpuOffloadContext:
         if step.backward_started:
             return
         step.backward_started = True
+        self._params_learned = True
         if self.model_layers is None:
             self.model_layers = len(step.layers)
             log.debug("moe_offload: learned model_layers=%d", self.model_layers)

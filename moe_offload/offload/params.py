@@ -8,7 +8,9 @@ parameter's storage: offloading it would copy weights every step and free nothin
 The rule: a storage is a parameter storage once the engine has seen a parameter on it.
 The engine learns parameters (1) from every parameter or parameter view it is asked to
 save, (2) from the direct parameters of every module called while an offload context is
-entered (a global forward pre-hook installed only for the duration of an entry), and
+entered during its first step (a global forward pre-hook installed only for the
+duration of an entry, and only until the first backward: a global hook takes module
+calls off torch's fast path), and
 (3) from every module handed to ``offload_module_list``.  The pack hook then does one
 dict lookup per saved tensor (keyed by storage data_ptr and device); no scan over the
 parameters happens on the hot path.  Entries hold the storage weakly, and a lookup
@@ -33,6 +35,7 @@ class ParamStorages:
         # Addresses :meth:`see` registered already (a shortcut only: :meth:`contains`
         # decides, and forgets the shortcuts when it finds a dead storage).
         self._seen_ptrs = set()
+        self._modules_seen = weakref.WeakSet()
 
     def add(self, p: torch.Tensor) -> None:
         """Register the storage of ``p`` (a parameter or a view of one)."""
@@ -73,7 +76,12 @@ class ParamStorages:
         return True
 
     def module_pre_hook(self, module: torch.nn.Module, args) -> None:
-        """Global forward pre-hook body: register the module's direct parameters."""
+        """Global forward pre-hook body: register the module's direct parameters, once
+        per module (a parameter assigned to the module later is learned when it is
+        saved as itself, or by ``offload_module_list``)."""
+        if module in self._modules_seen:
+            return
+        self._modules_seen.add(module)
         for p in module.parameters(recurse=False):
             self.add(p)
 

@@ -67,3 +67,21 @@ def test_registry_forgets_dead_storages():
     del p
     gc.collect()
     assert not reg.contains(ptr, dev) and not reg._refs and not reg._seen_ptrs
+
+
+def test_module_hook_only_during_first_step():
+    """The global pre-hook that learns parameters is installed only inside entries of
+    the first step (it takes module calls off torch's fast path)."""
+    from torch.nn.modules import module as nn_module
+    layers = [SaveDetachedLinear() for _ in range(2)]
+    ctx, sync = get_cpu_offload_context(True, 1, 2, **EMU)
+    counts = []
+    for _ in range(2):
+        h = torch.randn(16, 32, requires_grad=True)
+        for layer in layers:
+            with ctx:
+                counts.append(len(nn_module._global_forward_pre_hooks))
+                h = layer(h)
+            h = sync(h)
+        h.sum().backward()
+    assert counts == [1, 1, 0, 0] and not nn_module._global_forward_pre_hooks
