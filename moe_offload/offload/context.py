@@ -84,8 +84,8 @@ Entries (``__enter__``) and threads:
 Parameters never move: their storages are registered (``params.py``) and a saved
 tensor on such a storage (``w.detach()``) is kept.
 
-Tensors left on the device are returned from the pack hook as a detached alias, never
-as themselves: a saved output returned as is forms a cycle through C++ (tensor ->
+Tensors left on the device are returned from the pack hook (inside a ``Kept``) as a
+detached alias, never as themselves: a saved output returned as is forms a cycle through C++ (tensor ->
 grad_fn -> saved variable -> tensor) that gc cannot break, and the graph would leak.
 
 Prefetch: the prehook for layer j issues reloads for layers j, j-1, ..., j-prefetch_layers
@@ -672,7 +672,9 @@ class CpuOffloadContext:
         """Mark the end of the layer just exited; returns ``x`` unchanged.
 
         Registers a prehook on ``x.grad_fn`` that schedules this layer's reloads
-        (and ``prefetch_layers`` earlier ones) when the backward reaches it.
+        (and ``prefetch_layers`` earlier ones) when the backward reaches it.  The next
+        layer's entry checks that this graph node is still alive: when it is gone (the
+        forward was abandoned, e.g. by an exception between layers) a new step starts.
         """
         if not torch.is_grad_enabled() or self.backend.graph_task_id() != -1:
             return x   # no graph, or a recomputation inside backward (see __enter__)
