@@ -173,7 +173,8 @@ class Record:
 
     __slots__ = ("tx", "key", "layer", "device", "mode", "start", "nbytes", "gpu",
                  "block", "compute", "done", "reload_event", "dev_strong", "dev_weak",
-                 "live_refs", "unpacked", "gen", "step", "state", "__weakref__")
+                 "live_refs", "unpacked", "gen", "step", "state", "src", "holder",
+                 "__weakref__")
 
     def __init__(self, tx: Transport, key, layer: int, device, mode: str, start: int,
                  nbytes: int, gpu: Any, block, compute) -> None:
@@ -196,6 +197,10 @@ class Record:
         self.gen = 0                # bumped at every reload/promotion
         self.step = None            # the engine's step (set by the engine)
         self.state = State.COPYING
+        # The first saved tensor (weakly) and its version holder: a dedup hit on the
+        # very same tensor object (an output saved by two ops) shares the holder.
+        self.src = None
+        self.holder = None
 
     def _move(self, to: State) -> None:
         if to not in _MOVES[self.state]:
@@ -371,7 +376,13 @@ class SavedRef:
         self.seen_gen = 0
         self.version = t._version
         self.producer = producer_of(t) if t.requires_grad else None
-        self.holder = version_holder(t)
+        src = record.src() if record.src is not None else None
+        if src is t:
+            self.holder = record.holder          # same tensor: same version counter
+        else:
+            self.holder = version_holder(t)
+            if record.src is None:
+                record.src, record.holder = weakref.ref(t), self.holder
         record.live_refs += 1
 
     def __del__(self) -> None:
