@@ -59,6 +59,10 @@ class EmulateBackend:
         pass
 
     def graph_task_id(self) -> int:
+        """Autograd's id of the backward running on this thread, -1 outside backward.
+
+        torch has no public spelling of this (torch 2.10-2.13); ``torch.autograd.graph``
+        and ``torch.utils.checkpoint`` use the same ``torch._C`` call."""
         return torch._C._current_graph_task_id()
 
 

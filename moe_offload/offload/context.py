@@ -85,8 +85,9 @@ Parameters never move: their storages are registered (``params.py``) and a saved
 tensor on such a storage (``w.detach()``) is kept.
 
 Tensors left on the device are returned from the pack hook (inside a ``Kept``) as a
-detached alias, never as themselves: a saved output returned as is forms a cycle through C++ (tensor ->
-grad_fn -> saved variable -> tensor) that gc cannot break, and the graph would leak.
+detached alias, never as themselves: a saved output returned as is forms a cycle
+through C++ (tensor -> grad_fn -> saved variable -> tensor) that gc cannot break, and
+the graph would leak.
 
 Prefetch: the prehook for layer j issues reloads for layers j, j-1, ..., j-prefetch_layers
 not yet issued in this backward pass (keyed by autograd's graph-task id, so a second
@@ -600,8 +601,8 @@ class CpuOffloadContext:
         else:
             ready = self.backend.record_event(self.backend.current_stream())
         gpu = storage if mode == RANGE else t.detach()     # no grad_fn: no cycle
-        rec = Record(self.transport, key, layer.index, t.device, mode, start, nbytes, gpu, block,
-                     self.backend.current_stream())
+        rec = Record(self.transport, key, layer.index, t.device, mode, start, nbytes, gpu,
+                     block, self.backend.current_stream())
         rec.step = self._step
         rec.start_d2h(ready)
         self._live[key] = weakref.ref(rec)
