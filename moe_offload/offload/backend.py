@@ -51,13 +51,18 @@ class EmulateBackend:
     def empty_device(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-    def sleep(self, stream, cycles: int) -> None:
-        pass
+    def before_copy(self, stream, direction: str) -> None:
+        """Called on ``stream`` right before each copy (``"d2h"`` or ``"h2d"``); a
+        no-op here.  :class:`DelayedCopies` uses it to widen race windows in tests."""
 
     def ensure_streams(self, device) -> None:
         pass
 
     def graph_task_id(self) -> int:
+        """Autograd's id of the backward running on this thread, -1 outside backward.
+
+        torch has no public spelling of this (torch 2.10-2.13); ``torch.autograd.graph``
+        and ``torch.utils.checkpoint`` use the same ``torch._C`` call."""
         return torch._C._current_graph_task_id()
 
 
@@ -103,7 +108,36 @@ class CudaBackend(EmulateBackend):
     def empty_host(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def sleep(self, stream, cycles: int) -> None:
-        if cycles > 0:
+
+
+class DelayedCopies:
+    """Test aid: wraps a backend and launches a GPU sleep before each copy.
+
+    ``d2h_cycles`` / ``h2d_cycles`` are ``torch.cuda._sleep`` cycles queued on the side
+    stream right before each device-to-host / host-to-device copy, so a missing wait
+    turns into a visible race.  Everything else is forwarded to the wrapped backend.
+    Install with :func:`add_copy_delays`.
+    """
+
+    def __init__(self, inner, d2h_cycles: int = 0, h2d_cycles: int = 0) -> None:
+        self.inner = inner
+        self.d2h_cycles = int(d2h_cycles)
+        self.h2d_cycles = int(h2d_cycles)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def before_copy(self, stream, direction: str) -> None:
+        cycles = self.d2h_cycles if direction == "d2h" else self.h2d_cycles
+        if cycles > 0 and not self.inner.emulated:
             with torch.cuda.stream(stream):
-                torch.cuda._sleep(int(cycles))
+                torch.cuda._sleep(cycles)
+        self.inner.before_copy(stream, direction)
+
+
+def add_copy_delays(ctx, d2h_cycles: int = 0, h2d_cycles: int = 0) -> None:
+    """Test aid: make ``ctx`` (a ``CpuOffloadContext``) sleep before its copies."""
+    inner = ctx.backend
+    while isinstance(inner, DelayedCopies):
+        inner = inner.inner
+    ctx.backend = DelayedCopies(inner, d2h_cycles, h2d_cycles)

@@ -14,7 +14,9 @@ Streams: ``compute`` (the current stream when a tensor is packed), ``d2h`` and `
 (two side streams owned by the context).  No host synchronization and no
 ``record_stream`` anywhere on the normal path.
 
-Forward (pack hook, one :class:`~moe_offload.offload.record.Record` per storage range):
+Forward (pack hook, one :class:`~moe_offload.offload.record.Record` per storage range;
+its states ``COPYING -> ON_HOST -> RELOADED -> ON_HOST ... -> FREED`` are named in
+``record.py``):
 
 1. *ready*: the event ``start_offload(t)`` recorded on compute where ``t`` became final,
    or an event recorded on compute at pack time.  ``d2h`` waits on it, so the copy reads
@@ -54,9 +56,38 @@ Backward (prehook registered by ``sync`` on the layer's output node, and unpack 
    twice works); it returns to the pool when the record dies, with ``last_event`` =
    the latest copy that touched it (see ``pool.py``).
 
-Tensors left on the device are returned from the pack hook as a detached alias, never
-as themselves: a saved output returned as is forms a cycle through C++ (tensor ->
-grad_fn -> saved variable -> tensor) that gc cannot break, and the graph would leak.
+In-place writes (autograd's version check, which torch skips for hooked saves):
+
+9. Every saved tensor records its ``_version`` at pack.  An offloaded one also gets a
+   *version holder*: a detached alias re-pointed at an empty storage, which shares the
+   version counter and keeps no device memory alive (``record.version_holder``).  At
+   unpack a changed version raises autograd's own ``RuntimeError`` text, on every path:
+   offloaded, kept (threshold, resident layer, parameter) and opted out (the opt-out
+   hooks check too).  Dedup keys carry the version: a tensor saved, written in place
+   and saved again is two values, so the second save gets its own copy.  (On CUDA the
+   first copy may race the write; such a record is never unpacked without raising.)
+
+Entries (``__enter__``) and threads:
+
+10. With grad disabled, or while a backward runs on this thread (``graph_task_id !=
+    -1``: e.g. ``torch.utils.checkpoint`` recomputing a layer whose module hooks run
+    inside the checkpointed function), an entry is *passive*: no layer, no step, no
+    hooks (the checkpoint's own recomputation hooks stay innermost), and ``sync`` does
+    nothing.  A forward abandoned between layers (an exception outside ``with ctx``)
+    is noticed at the next entry: the previous layer's output graph is gone (a sentinel
+    held only by its prehook died), so a new step starts at layer 0.
+11. One context serves one thread at a time (its schedule is shared state): entering
+    it while another thread has it entered raises, before installing anything.  The
+    entered regions of a thread (enabled, opt-out, passive) live on one stack in
+    ``marks.py``; exiting out of order unwinds every region above and raises.
+
+Parameters never move: their storages are registered (``params.py``) and a saved
+tensor on such a storage (``w.detach()``) is kept.
+
+Tensors left on the device are returned from the pack hook (inside a ``Kept``) as a
+detached alias, never as themselves: a saved output returned as is forms a cycle
+through C++ (tensor -> grad_fn -> saved variable -> tensor) that gc cannot break, and
+the graph would leak.
 
 Prefetch: the prehook for layer j issues reloads for layers j, j-1, ..., j-prefetch_layers
 not yet issued in this backward pass (keyed by autograd's graph-task id, so a second
@@ -75,28 +106,31 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from torch.nn.modules.module import register_module_forward_pre_hook
+
 from . import marks
 from .backend import CudaBackend, EmulateBackend
+from .params import PARAM_STORAGES
 from .pool import PinnedPool
-from .record import COPY, RANGE, Geometry, PackedComposite, Record, SavedRef
+from .record import (COPY, RANGE, Geometry, Kept, PackedComposite, Record, SavedRef,
+                     State, Transport)
 
 __all__ = ["get_cpu_offload_context", "CpuOffloadContext", "OptOutContext"]
 
 log = logging.getLogger(__name__)
 
-# Enabled contexts currently entered in this thread (at most one; opt-out regions do
-# not pop it).  Thread-local like torch's saved-tensor hooks.
-_THREAD = threading.local()
 
+def _enabled_entered(ctx=None) -> bool:
+    """Is an enabled context (``ctx``, or any) actively entered on this thread?  True
+    inside an opt-out region nested in it; False in a passive entry (see __enter__)."""
+    return any(isinstance(r.owner, CpuOffloadContext) and r.engine is not None
+               and (ctx is None or r.owner is ctx) for r in marks.regions())
 
-def _entered() -> List["CpuOffloadContext"]:
-    if not hasattr(_THREAD, "entered"):
-        _THREAD.entered = []
-    return _THREAD.entered
 
 _STAT_KEYS = (
     "offloaded_tensors", "offloaded_bytes", "reloaded_tensors", "reloaded_bytes",
     "kept_on_device_tensors", "kept_on_device_bytes", "over_limit_tensors",
+    "below_threshold_tensors", "below_threshold_bytes",
     "dedup_hits", "prefetched_reloads", "inline_reloads", "forced_releases",
     "forced_waits", "released_on_query",
 )
@@ -106,15 +140,16 @@ def _identity(t):
     return t
 
 
-def _no_cycle(t):
-    """What a pack hook returns to keep ``t`` as is.
+def _keep_pack(t):
+    """Opt-out pack hook: keep ``t`` on the device, remember its version."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return Kept(t)
 
-    Returning a saved *output* itself would make a reference cycle through C++
-    (tensor -> grad_fn -> saved variable -> tensor) that Python's gc cannot see, so the
-    graph would never be freed.  A detached alias shares storage and version counter
-    and holds no grad_fn; autograd reattaches the grad_fn on unpack.
-    """
-    return t.detach() if isinstance(t, torch.Tensor) and t.grad_fn is not None else t
+
+def _keep_unpack(packed):
+    """Opt-out unpack hook: autograd's in-place check, then the tensor."""
+    return packed.unpack() if isinstance(packed, Kept) else packed
 
 
 def _is_flatten_subclass(t: torch.Tensor) -> bool:
@@ -125,13 +160,16 @@ def _is_flatten_subclass(t: torch.Tensor) -> bool:
 class _Layer:
     """One layer of one step: whether it offloads, and weakrefs to its records."""
 
-    __slots__ = ("index", "offloaded", "records", "prefetched_task")
+    __slots__ = ("index", "offloaded", "records", "prefetched_task", "output_alive")
 
     def __init__(self, index: int, offloaded: bool) -> None:
         self.index = index
         self.offloaded = offloaded
         self.records: List[weakref.ref] = []
         self.prefetched_task: Optional[int] = None
+        # Set by sync: a weakref to an object held only by the prehook on the layer
+        # output's grad_fn.  Dead means that graph is gone: the forward was abandoned.
+        self.output_alive: Optional[weakref.ref] = None
 
     def alive(self):
         for r in self.records:
@@ -150,35 +188,41 @@ class _Step:
         self.backward_started = False
 
 
+_CLAIMED = object()     # CpuOffloadContext._region while __enter__ runs
+
+
+class _OutputAlive:
+    """Held only by a layer output's backward prehook (see ``_Layer.output_alive``)."""
+
+    __slots__ = ("__weakref__",)
+
+
 class OptOutContext:
     """The context returned for ``enabled=False``.
 
     Inside an enabled offload context it really opts the region out: it installs
-    identity saved-tensor hooks (only the innermost pair runs), so tensors saved inside
-    stay on the device, and :func:`is_cpu_offload_enabled` is False there.  Outside any
-    offload context it does nothing.
+    keep-on-device saved-tensor hooks (only the innermost pair runs), so tensors saved
+    inside stay on the device, and :func:`is_cpu_offload_enabled` is False there.  Those
+    hooks still do autograd's in-place version check (torch skips it for hooked saves).
+    Outside any offload context it does nothing.  Regions must exit in reverse order of
+    entry (see ``marks.exit_region``).
     """
 
     def __init__(self) -> None:
-        self._hooks = []     # stack: one entry per (possibly nested) entry
+        self._regions = []   # stack: one entry per (possibly nested) entry
 
     def __enter__(self) -> "OptOutContext":
-        if marks._get_active_engine() is not None:
-            hooks = saved_tensors_hooks(_no_cycle, _identity)
-            hooks.__enter__()
-            self._hooks.append((hooks, marks._set_active_engine(None)))
+        if marks.active_engine() is not None:
+            hooks = saved_tensors_hooks(_keep_pack, _keep_unpack)
+            self._regions.append(marks.enter_region(self, None, hooks))
         else:
-            self._hooks.append(None)
+            self._regions.append(None)
         return self
 
     def __exit__(self, *exc) -> None:
-        entry = self._hooks.pop()
-        if entry is not None:
-            hooks, previous = entry
-            try:
-                hooks.__exit__(*exc)
-            finally:
-                marks._set_active_engine(previous)
+        region = self._regions.pop() if self._regions else None
+        if region is not None:
+            marks.exit_region(region)
 
     def stats(self) -> dict:
         """All counters zero: a disabled context moves nothing."""
@@ -204,48 +248,47 @@ class CpuOffloadContext:
         self.min_offload_bytes = min_offload_bytes
         self.retain_pinned_cpu_buffers = retain_pinned_cpu_buffers
         self.prefetch_layers = prefetch_layers
-        self.backend = EmulateBackend() if emulate else CudaBackend()
-        self.pool = PinnedPool(self.backend, host_memory_limit_bytes)
+        backend = EmulateBackend() if emulate else CudaBackend()
+        self.pool = PinnedPool(backend, host_memory_limit_bytes)
         self.counters = {k: 0 for k in _STAT_KEYS}
         self.counters["hook_seconds"] = 0.0
         self.counters["d2h_copy_seconds"] = 0.0
         self.counters["h2d_copy_seconds"] = 0.0
-        self._timings = []               # (counter, start event, end event) not yet read
+        # Everything a record may touch: backend, pool, counters, copy timings, and the
+        # callback that forgets a dedup key.  Records never see the context itself.
+        self.transport = Transport(backend, self.pool, self.counters, self._forget_key)
         self._live = {}                  # dedup key -> weakref(Record) while it holds GPU
         self._step: Optional[_Step] = None
         self._layer: Optional[_Layer] = None
-        self._hooks = None
-        self._previous_engine = None
+        self._region = None              # this entry's marks.Region; None: not entered
+        self._passive = False            # this entry installed nothing (see __enter__)
+        self._thread = None              # ident of the thread that entered
+        self._lock = threading.Lock()
+        self._module_hook = None
+        self._params_learned = False     # set at the first backward (see __enter__)
         self._aborted = False
         self._warned_limit = False
-        # Test hooks: cycles of torch.cuda._sleep launched on the side stream before
-        # each D2H / H2D copy (race tests).  0 disables.
-        self._debug_delay_cycles_d2h = 0
-        self._debug_delay_cycles_h2d = 0
 
-    def debug_delay_d2h(self) -> int:
-        """Test hook: sleep cycles launched on the D2H stream before each copy."""
-        return int(self._debug_delay_cycles_d2h)
+    @property
+    def backend(self):
+        """Streams, events and buffers (``backend.py``); shared with the records."""
+        return self.transport.backend
 
-    def debug_delay_h2d(self) -> int:
-        """Test hook: sleep cycles launched on the H2D stream before each copy."""
-        return int(self._debug_delay_cycles_h2d)
-
-    def time_copy(self, counter: str, began, ended) -> None:
-        """Remember a copy's timing events; read once both completed (never waits)."""
-        if began is not None:
-            self._timings.append((counter, began, ended))
+    @backend.setter
+    def backend(self, backend) -> None:
+        self.transport.backend = backend
+        self.pool.backend = backend
 
     def _harvest_timings(self) -> None:
         pending = []
-        for counter, began, ended in self._timings:
+        for counter, began, ended in self.transport.timings:
             if self.backend.query(ended):
                 self.counters[counter] += self.backend.elapsed_seconds(began, ended)
             else:
                 pending.append((counter, began, ended))
-        self._timings = pending
+        self.transport.timings[:] = pending
 
-    def forget_key(self, key, record: Record) -> None:
+    def _forget_key(self, key, record: Record) -> None:
         """Drop a dedup key when its record lets go of the device storage (the
         storage's data_ptr may be reused by an unrelated tensor afterwards)."""
         ref = self._live.get(key)
@@ -260,7 +303,10 @@ class CpuOffloadContext:
         ``reloaded_*``: H2D transfers (each reload, also repeated ones);
         ``kept_on_device_*``: saved tensors (or composite components) the engine saw and
         left on the device for any reason (parameter, host tensor, below threshold,
-        unmarked, resident layer, over the host limit); ``over_limit_tensors``: kept
+        unmarked, resident layer, over the host limit); ``below_threshold_*``: of those,
+        the ones of offloaded layers kept only because their storage is smaller than
+        ``min_offload_bytes`` (a tiny model under the default threshold offloads
+        nothing, and says so here); ``over_limit_tensors``: kept
         because the pinned pool hit ``host_memory_limit_bytes``; ``pinned_pool_bytes``:
         host bytes owned by the pool now; ``pinned_allocs``: host allocations ever made.
         Overlap figures: ``prefetched_reloads`` vs ``inline_reloads`` (unpacks that had to
@@ -280,37 +326,89 @@ class CpuOffloadContext:
     def reset_stats(self) -> None:
         """Zero the cumulative counters (pool figures are current state and stay)."""
         self._harvest_timings()
-        self._timings = []               # pending copy timings belong to the old window
+        self.transport.timings.clear()   # pending copy timings belong to the old window
         for k in self.counters:
             self.counters[k] = 0.0 if k.endswith("_seconds") else 0
         self.pool.allocs = 0
 
     # -- layer boundaries ------------------------------------------------------------
     def __enter__(self) -> "CpuOffloadContext":
-        if _entered():
-            raise RuntimeError(
-                "moe_offload: an enabled CPU offload context was entered while another "
-                "enabled one is active (nested offload contexts are not supported; use "
-                "get_cpu_offload_context(enabled=False)[0] to opt a region out)")
-        self._begin_layer()
-        hooks = saved_tensors_hooks(self._pack, self._unpack)
-        hooks.__enter__()
-        self._hooks = hooks
-        self._previous_engine = marks._set_active_engine(self)
-        _entered().append(self)
+        """Enter the next layer.
+
+        Two kinds of entry install nothing and leave the schedule alone (*passive*):
+        with grad disabled (nothing is saved, and a ``no_grad`` forward must not count
+        as layers of the step: with ``model_layers=None`` it would teach the wrong layer
+        count), and while autograd runs a backward on this thread (a checkpoint's
+        recomputation calling the layer's module hooks again must not start a step or
+        offload what checkpointing recomputes).  One context belongs to one thread at a
+        time: entering it from a second thread while it is entered raises.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            if self._region is not None:
+                if self._thread == me:
+                    raise RuntimeError(
+                        "moe_offload: this CPU offload context is already entered (exit "
+                        "each layer before entering the next)")
+                raise RuntimeError(
+                    "moe_offload: this CPU offload context is entered by another thread; "
+                    "one context serves one thread at a time (build one context per "
+                    "thread)")
+            passive = (not torch.is_grad_enabled()
+                       or self.backend.graph_task_id() != -1)
+            if not passive and _enabled_entered():
+                raise RuntimeError(
+                    "moe_offload: an enabled CPU offload context was entered while "
+                    "another enabled one is active (nested offload contexts are not "
+                    "supported; use get_cpu_offload_context(enabled=False)[0] to opt a "
+                    "region out)")
+            self._region = _CLAIMED
+            self._thread = me
+        try:
+            if passive:
+                self._passive = True
+                self._region = marks.enter_region(self, None, None)
+                return self
+            self._passive = False
+            self._begin_layer()
+            if not self._params_learned:
+                # First step only: learn the parameters of every module called inside
+                # the layers (params.py), so their detached aliases never move.  A
+                # global hook takes every module call off torch's fast path, so it is
+                # not kept for later steps.
+                self._module_hook = register_module_forward_pre_hook(
+                    PARAM_STORAGES.module_pre_hook)
+            hooks = saved_tensors_hooks(self._pack, self._unpack)
+            self._region = marks.enter_region(self, self, hooks)
+        except BaseException:
+            self._drop_module_hook()
+            self._region = None
+            raise
         return self
 
+    def _drop_module_hook(self) -> None:
+        if self._module_hook is not None:
+            self._module_hook.remove()
+            self._module_hook = None
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._hooks is None:
-            # Never entered (e.g. __enter__ raised inside a module pre-hook and torch
-            # still runs the post-hook): leave the active engine and hooks untouched.
+        region = self._region
+        if region is None or region is _CLAIMED or self._thread != threading.get_ident():
+            # Never entered by this thread (e.g. __enter__ raised inside a module
+            # pre-hook and torch still runs the post-hook): leave everything untouched.
+            return
+        self._drop_module_hook()
+        with self._lock:
+            self._region = None
+            self._thread = None
+        if self._passive:
+            marks.exit_region(region)
             return
         try:
-            self._hooks.__exit__(exc_type, exc, tb)
-        finally:
-            self._hooks = None
-            marks._set_active_engine(self._previous_engine)
-            _entered().remove(self)
+            marks.exit_region(region)      # raises on a non-LIFO exit, after cleaning
+        except RuntimeError:
+            self._aborted = True
+            raise
         if exc_type is not None:
             self._aborted = True      # the next entry starts a fresh step
         self._release_completed()
@@ -333,7 +431,8 @@ class CpuOffloadContext:
                              f"{self.model_layers} (learned at the first backward)")
         new_step = (step is None or step.backward_started or self._aborted
                     or (self.model_layers is not None
-                        and len(step.layers) >= self.model_layers))
+                        and len(step.layers) >= self.model_layers)
+                    or self._abandoned(step))
         if new_step:
             if step is not None:
                 self._force_release(step.layers)
@@ -348,6 +447,15 @@ class CpuOffloadContext:
         lag = self._release_lag()
         if index >= lag:
             self._force_release(step.layers[index - lag:index - lag + 1])
+
+    @staticmethod
+    def _abandoned(step: _Step) -> bool:
+        """The previous layer's output graph is gone (an exception between layers, or
+        a forward dropped before its backward): the next entry starts a new step."""
+        if not step.layers:
+            return False
+        alive = step.layers[-1].output_alive
+        return alive is not None and alive() is None
 
     def _release_lag(self) -> int:
         """How many layers after layer i its device copies are force-released.
@@ -376,13 +484,13 @@ class CpuOffloadContext:
             return
         for layer in self._step.layers:
             for rec in layer.alive():
-                if rec.gpu is not None and rec.release_gpu(force=False):
+                if rec.state is State.COPYING and rec.release_gpu(force=False):
                     self.counters["released_on_query"] += 1
 
     def _force_release(self, layers) -> None:
         for layer in layers:
             for rec in layer.alive():
-                if rec.gpu is not None:
+                if rec.state is State.COPYING:
                     rec.release_gpu(force=True)
                     self.counters["forced_releases"] += 1
 
@@ -407,13 +515,15 @@ class CpuOffloadContext:
         finally:
             self.counters["hook_seconds"] += time.perf_counter() - t0
 
-    def _keep(self, t: torch.Tensor):
+    def _keep(self, t: torch.Tensor, nbytes: Optional[int] = None):
         self.counters["kept_on_device_tensors"] += 1
         try:
-            self.counters["kept_on_device_bytes"] += t.numel() * t.element_size()
+            if nbytes is None:
+                nbytes = t.numel() * t.element_size()
+            self.counters["kept_on_device_bytes"] += nbytes
         except Exception:  # pragma: no cover - exotic tensors
             pass
-        return _no_cycle(t)
+        return Kept(t)
 
     def _pack_obj(self, t):
         if not isinstance(t, torch.Tensor):
@@ -423,8 +533,10 @@ class CpuOffloadContext:
             inner = {name: self._pack_obj(getattr(t, name)) for name in attrs}
             return PackedComposite(type(t), meta, t.size(), t.stride(), inner)
         layer = self._layer
-        if (isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
-                or not self.backend.is_device_tensor(t)
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            PARAM_STORAGES.see(t)      # so that detached aliases of it never move
+            return self._keep(t)
+        if (not self.backend.is_device_tensor(t)
                 or t.layout != torch.strided or type(t) is not torch.Tensor
                 or t.numel() == 0 or t.is_conj() or t.is_neg() or t.is_quantized
                 or marks.is_marked_not_offload(t)
@@ -438,33 +550,40 @@ class CpuOffloadContext:
         ptr = storage.data_ptr()
         if self.backend.emulated and ptr in self.pool.host_ptrs:
             return self._keep(t)                  # our own host buffer: never again
+        if PARAM_STORAGES.contains(ptr, t.device):
+            return self._keep(t)                  # a parameter's storage (params.py)
+        # Dedup keys carry the version: a tensor saved, written in place, then saved
+        # again is two different values (the first copy predates the write).
+        version = t._version
         es = t.element_size()
         size, stride, off = tuple(t.shape), tuple(t.stride()), t.storage_offset()
         span = 1 + sum((sz - 1) * st for sz, st in zip(size, stride))
         storage_bytes = storage.nbytes()
         if 2 * span * es >= storage_bytes:        # covers >= 50%: move the storage once
             mode, start, nbytes = RANGE, 0, storage_bytes
-            key = ("storage", ptr, t.device)
+            key = ("storage", ptr, t.device, version)
         elif span <= t.numel():                   # small dense (or overlapping, e.g.
             # expanded) view: its byte span holds no holes; move the span, restore exact
             mode, start, nbytes = RANGE, off * es, span * es
-            key = ("range", ptr, t.device, start, nbytes)
+            key = ("range", ptr, t.device, version, start, nbytes)
         else:                                     # small strided view: contiguous copy
             mode, start, nbytes = COPY, 0, t.numel() * es
-            key = ("copy", ptr, t.device, off, size, stride, t.dtype)
+            key = ("copy", ptr, t.device, version, off, size, stride, t.dtype)
         # The threshold is on the storage the tensor would keep alive, not on the view:
         # a tiny scale view into a bulk buffer travels (its own few bytes), or else it
         # would pin the whole buffer on the device (TE's shared-buffer defect).
         if storage_bytes < self.min_offload_bytes:
-            return self._keep(t)
-        whole_key = ("storage", ptr, t.device)
+            self.counters["below_threshold_tensors"] += 1
+            self.counters["below_threshold_bytes"] += t.numel() * es
+            return self._keep(t, t.numel() * es)
+        whole_key = ("storage", ptr, t.device, version)
         for k in (whole_key, key):     # dedup: the whole storage, or this exact range
             ref = self._live.get(k)
             rec = ref() if ref is not None else None
-            if rec is not None and rec.gpu is not None:
+            if rec is not None and rec.state is State.COPYING:
                 self.counters["dedup_hits"] += 1
                 return SavedRef(rec, Geometry(t.dtype, size, stride, off,
-                                              (off * es - rec.start) // es))
+                                              (off * es - rec.start) // es), t)
         block = self.pool.acquire(nbytes)
         if block is None:
             self.counters["over_limit_tensors"] += 1
@@ -482,15 +601,16 @@ class CpuOffloadContext:
         else:
             ready = self.backend.record_event(self.backend.current_stream())
         gpu = storage if mode == RANGE else t.detach()     # no grad_fn: no cycle
-        rec = Record(self, key, layer.index, t.device, mode, start, nbytes, gpu, block,
-                     self.backend.current_stream())
+        rec = Record(self.transport, key, layer.index, t.device, mode, start, nbytes, gpu,
+                     block, self.backend.current_stream())
         rec.step = self._step
         rec.start_d2h(ready)
         self._live[key] = weakref.ref(rec)
         layer.records.append(weakref.ref(rec))
         self.counters["offloaded_tensors"] += 1
         self.counters["offloaded_bytes"] += nbytes
-        return SavedRef(rec, Geometry(t.dtype, size, stride, off, (off * es - start) // es))
+        return SavedRef(rec, Geometry(t.dtype, size, stride, off, (off * es - start) // es),
+                        t)
 
     # -- unpack / backward -----------------------------------------------------------
     def _unpack(self, packed):
@@ -504,12 +624,14 @@ class CpuOffloadContext:
         if isinstance(packed, SavedRef):
             step = packed.record.step
             if (step is not None and not step.backward_started
-                    and self not in _entered()):
+                    and not _enabled_entered(self)):
                 # No sync() was used for this step.  An unpack *inside* the context (e.g.
                 # torch.autograd.grad for a gradient penalty within a layer) is not the
                 # backward of the step: it must not end the forward or learn model_layers.
                 self._backward_started(step)
             return packed.record.unpack(packed)
+        if isinstance(packed, Kept):
+            return packed.unpack()
         if isinstance(packed, PackedComposite):
             inner = {name: self._unpack_obj(p) for name, p in packed.inner.items()}
             return packed.cls.__tensor_unflatten__(inner, packed.meta, packed.size,
@@ -520,6 +642,7 @@ class CpuOffloadContext:
         if step.backward_started:
             return
         step.backward_started = True
+        self._params_learned = True
         if self.model_layers is None:
             self.model_layers = len(step.layers)
             log.debug("moe_offload: learned model_layers=%d", self.model_layers)
@@ -532,7 +655,7 @@ class CpuOffloadContext:
 
     def _on_layer_backward(self, step: _Step, index: int) -> None:
         """Prehook body: the backward reached the output of layer ``index``."""
-        if self in _entered():
+        if _enabled_entered(self):
             return     # an inner autograd.grad during the forward, not the step's backward
         t0 = time.perf_counter()
         self._backward_started(step)
@@ -550,10 +673,12 @@ class CpuOffloadContext:
         """Mark the end of the layer just exited; returns ``x`` unchanged.
 
         Registers a prehook on ``x.grad_fn`` that schedules this layer's reloads
-        (and ``prefetch_layers`` earlier ones) when the backward reaches it.
+        (and ``prefetch_layers`` earlier ones) when the backward reaches it.  The next
+        layer's entry checks that this graph node is still alive: when it is gone (the
+        forward was abandoned, e.g. by an exception between layers) a new step starts.
         """
-        if not torch.is_grad_enabled():
-            return x
+        if not torch.is_grad_enabled() or self.backend.graph_task_id() != -1:
+            return x   # no graph, or a recomputation inside backward (see __enter__)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"sync expects a tensor, got {type(x).__name__}")
         if not x.requires_grad:
@@ -567,8 +692,10 @@ class CpuOffloadContext:
             # graph), so overlapping steps (two forwards, then two backwards) each
             # prefetch their own records.
             index = layer.index
+            alive = _OutputAlive()
+            layer.output_alive = weakref.ref(alive)
             x.grad_fn.register_prehook(
-                lambda grad_outputs: self._on_layer_backward(step, index))
+                lambda grad_outputs, alive=alive: self._on_layer_backward(step, index))
         return x
 
 

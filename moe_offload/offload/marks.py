@@ -12,9 +12,9 @@ set flags, or do nothing).  Each accepts any mix of:
   failing that, ``prepare_for_saving()``/``restore_from_saved()`` (used only to read the
   components; the object is rebuilt in place).
 
-The engine registers itself here while an enabled context is entered
-(:func:`_set_active_engine`), which is how :func:`start_offload` reaches it without the
-layers importing the engine.
+The engine's regions (which context is entered on this thread, and whose hooks are
+active) live here too (:func:`enter_region`, :func:`active_engine`): that is how
+:func:`start_offload` reaches the engine without the layers importing it.
 """
 from __future__ import annotations
 
@@ -35,21 +35,97 @@ NOT_OFFLOAD_ATTR = "_moe_offload_never"
 OFFLOAD_MARK_ATTR = "_moe_offload_marked"
 READY_EVENT_ATTR = "_moe_offload_ready_event"
 
-# The engine whose saved-tensor hooks are currently installed in this thread (None
-# outside a context, and None inside an opted-out region).  Thread-local, like torch's
-# saved-tensor hooks.  Set only by the engine.
-_state = threading.local()
+# -- the active-engine state: the one place ------------------------------------------
+# A thread-local stack of regions, one per entered context (enabled, opt-out, or a
+# passive entry that installs nothing).  Thread-local like torch's saved-tensor hooks.
+# The functions below are public for the engine (context.py) and for tests that stand
+# in a fake engine; layers only use the mark functions.
+_local = threading.local()
 
 
-def _set_active_engine(engine: Optional[Any]) -> Optional[Any]:
-    """Install ``engine`` as the active one; return the previous (engine-internal)."""
-    previous = getattr(_state, "engine", None)
-    _state.engine = engine
+class Region:
+    """One entered context on this thread: who entered it, the engine whose hooks are
+    active inside it (None: no offload inside), and the saved-tensor hooks it installed
+    (None: none)."""
+
+    __slots__ = ("owner", "engine", "hooks")
+
+    def __init__(self, owner: Any, engine: Optional[Any], hooks: Any) -> None:
+        self.owner = owner
+        self.engine = engine
+        self.hooks = hooks
+
+
+def regions() -> list:
+    """This thread's stack of entered regions (innermost last)."""
+    stack = getattr(_local, "regions", None)
+    if stack is None:
+        stack = _local.regions = []
+    return stack
+
+
+def enter_region(owner: Any, engine: Optional[Any], hooks: Any = None) -> Region:
+    """Install ``hooks`` (a ``saved_tensors_hooks`` or None) and push a region."""
+    if hooks is not None:
+        hooks.__enter__()
+    region = Region(owner, engine, hooks)
+    regions().append(region)
+    return region
+
+
+def exit_region(region: Region) -> None:
+    """Pop ``region`` and uninstall its hooks.
+
+    Regions must exit in reverse order of entry.  When ``region`` is not the innermost,
+    every region entered inside it is unwound too (hooks removed, innermost first), so
+    no state is left behind, and a ``RuntimeError`` says what happened.  A region that
+    is no longer on the stack (already unwound that way) is ignored.
+    """
+    stack = regions()
+    if region not in stack:
+        return
+    inner = []
+    while stack[-1] is not region:
+        inner.append(stack.pop())
+    stack.pop()
+    for r in inner + [region]:
+        if r.hooks is not None:
+            r.hooks.__exit__(None, None, None)
+    if inner:
+        names = ", ".join(type(r.owner).__name__ for r in inner)
+        raise RuntimeError(
+            f"moe_offload: {type(region.owner).__name__} was exited while a region "
+            f"entered inside it is still open ({names}); contexts must exit in reverse "
+            "order of entry.  Every region down to this one was closed (no hooks are "
+            "left installed); exiting the inner ones later does nothing.")
+
+
+def owner_entered(owner: Any) -> bool:
+    """Is a region entered by ``owner`` open on this thread?"""
+    return any(r.owner is owner for r in regions())
+
+
+def active_engine() -> Optional[Any]:
+    """The engine whose hooks are active in the innermost region (None: no offload)."""
+    override = getattr(_local, "override", None)
+    if override is not None:
+        return override
+    stack = regions()
+    return stack[-1].engine if stack else None
+
+
+def set_active_engine(engine: Optional[Any]) -> Optional[Any]:
+    """Test aid: make ``engine`` (anything with ``record_ready``) the active engine on
+    this thread, over the region stack; None removes it.  Returns the previous override
+    (pass it back to restore)."""
+    previous = getattr(_local, "override", None)
+    _local.override = engine
     return previous
 
 
-def _get_active_engine() -> Optional[Any]:
-    return getattr(_state, "engine", None)
+# Deprecated aliases for tests written against the old names (drop once unused).
+_set_active_engine = set_active_engine
+_get_active_engine = active_engine
 
 
 def iter_component_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -115,7 +191,7 @@ def start_offload(*objs: Any) -> None:
     as soon as the producing kernel is done (before the op returns).  Without an active
     context this does nothing.
     """
-    engine = _get_active_engine()
+    engine = active_engine()
     if engine is None:
         return
     for obj in objs:
@@ -125,7 +201,7 @@ def start_offload(*objs: Any) -> None:
 
 def is_cpu_offload_enabled() -> bool:
     """True while an enabled offload context's hooks are installed (not in an opt-out)."""
-    return _get_active_engine() is not None
+    return active_engine() is not None
 
 
 def is_marked_not_offload(t: torch.Tensor) -> bool:

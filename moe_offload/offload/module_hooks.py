@@ -2,7 +2,11 @@
 
 Each module gets a forward pre-hook (enter the context: next layer) and an
 ``always_call`` forward hook (exit the context, even when the forward raises, so no
-saved-tensor hooks are left installed; then ``sync`` the output).
+saved-tensor hooks are left installed; then ``sync`` the output).  The hooks may run
+inside the module's own checkpointing (a layer whose ``__call__`` wraps its hooks in
+``torch.utils.checkpoint``): the recomputation in backward enters the context again,
+which the context treats as a passive entry (no step, no offload; see
+``CpuOffloadContext.__enter__``).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any, List
 import torch
 
 from .context import get_cpu_offload_context
+from .params import PARAM_STORAGES
 
 __all__ = ["offload_module_list", "OffloadModuleListHandle"]
 
@@ -70,6 +75,8 @@ def offload_module_list(module_list: torch.nn.ModuleList, **kwargs) -> OffloadMo
         raise ValueError("offload_module_list: the module list is empty")
     kwargs.setdefault("model_layers", len(modules))
     ctx, sync = get_cpu_offload_context(**kwargs)
+    for m in modules:
+        PARAM_STORAGES.add_module(m)       # their storages never move (params.py)
     handle = OffloadModuleListHandle(ctx, sync)
 
     def pre_hook(module, args):

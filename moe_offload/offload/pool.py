@@ -2,7 +2,8 @@
 
 MoE shapes change from step to step, so buffers are pooled by size class (sizes rounded
 up to quarter-octave classes: 2^k * {1, 1.25, 1.5, 1.75}) and handed out as views of the
-class buffer; a request may take a free block of up to twice its class.  In steady state no ``cudaHostAlloc`` happens; ``allocs`` counts them.
+class buffer; a request may take a free block of up to twice its class.  In steady state
+no ``cudaHostAlloc`` happens; ``allocs`` counts them.
 
 Reuse safety: a block remembers the event of the last copy that touched it (the D2H
 that wrote it, or the latest H2D that read it).  Only the copy engine ever touches a

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moe_offload
+from moe_offload.offload.backend import add_copy_delays
 from moe_offload.tensor import Float8CurrentScalingQuantizer, GroupedTensor, group_quantize
 
 RECIPES = ["fp8", "mxfp8", "nvfp4"]
@@ -34,8 +35,7 @@ def _run(layers, x0, splits, probs, offload, emulate, delay=0):
     if offload:
         ctx, sync = moe_offload.get_cpu_offload_context(
             True, len(layers), len(layers), min_offload_bytes=0, emulate=emulate)
-        ctx._debug_delay_cycles_d2h = delay
-        ctx._debug_delay_cycles_h2d = delay
+        add_copy_delays(ctx, d2h_cycles=delay, h2d_cycles=delay)
     h = x
     for lay in layers:
         if offload:
@@ -120,7 +120,7 @@ def _grouped_tensor_case(device, emulate, delay):
         if offload:
             ctx, sync = moe_offload.get_cpu_offload_context(True, 1, 1, min_offload_bytes=1024,
                                                             emulate=emulate)
-            ctx._debug_delay_cycles_h2d = delay
+            add_copy_delays(ctx, h2d_cycles=delay)
             with ctx:
                 y = _SaveGrouped.apply(x, w, splits)
             y = sync(y)

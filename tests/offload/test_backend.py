@@ -44,7 +44,7 @@ class LoggingBackend(EmulateBackend):
     def query(self, event):
         return self.done
 
-    def sleep(self, stream, cycles):
+    def before_copy(self, stream, direction):
         self.log.append(("copy", stream, None))     # called right before each copy
 
 
@@ -117,3 +117,17 @@ def test_reload_dropped_before_unpack_makes_compute_wait():
     for ev in reloads:
         assert ("wait", "compute", ev) in log[n:]
     assert ctx.pool.lent == 0
+
+
+def test_delayed_copies_wraps_and_forwards():
+    """The test-only delay wrapper forwards every call and runs before each copy."""
+    from moe_offload.offload.backend import DelayedCopies, add_copy_delays
+    layers, ctx, sync = _setup()
+    logging = ctx.backend
+    add_copy_delays(ctx, d2h_cycles=10, h2d_cycles=20)
+    add_copy_delays(ctx, d2h_cycles=30)               # replaces, does not stack
+    assert isinstance(ctx.backend, DelayedCopies) and ctx.backend.inner is logging
+    assert ctx.backend.d2h_cycles == 30 and ctx.backend.h2d_cycles == 0
+    _forward(layers, ctx, sync).sum().backward()
+    copies = [e for e in logging.log if e[0] == "copy"]
+    assert {e[1] for e in copies} == {"d2h", "h2d"}

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_offload.offload import get_cpu_offload_context, offloaded_checkpoint
+from moe_offload.offload.backend import add_copy_delays
 from tests.offload._helpers import Block, CompositeMatmul, assert_bitwise, run_stack
 
 pytestmark = pytest.mark.cuda
@@ -134,8 +135,8 @@ def test_race_random_stream_delays():
         ctx, sync = get_cpu_offload_context(True, rng.choice([2, 3, 4]), L,
                                             prefetch_layers=rng.choice([0, 1, 2]),
                                             min_offload_bytes=1024)
-        ctx._debug_delay_cycles_d2h = rng.choice([0, 20_000, 200_000, 1_000_000])
-        ctx._debug_delay_cycles_h2d = rng.choice([0, 20_000, 200_000, 1_000_000])
+        add_copy_delays(ctx, d2h_cycles=rng.choice([0, 20_000, 200_000, 1_000_000]),
+                        h2d_cycles=rng.choice([0, 20_000, 200_000, 1_000_000]))
         for layer in layers:
             layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
@@ -180,3 +181,77 @@ def test_soak_flat_memory_and_pool():
     assert max(mem[2:]) == min(mem[2:])
     assert max(pool[2:]) == min(pool[2:]) and allocs[-1] == allocs[2]
     assert ctx.pool.lent == 0
+
+
+@pytest.mark.parametrize("delay", [0, 1_000_000])
+def test_inplace_after_save_raises_on_cuda(delay):
+    """Autograd's in-place error on the real streams (offloaded and resident), also
+    when the D2H copy is still in flight at the write."""
+    from tests.offload.test_record import PREFIX
+    for num_layers in (1, 0):
+        ctx, _ = get_cpu_offload_context(True, num_layers, 1, min_offload_bytes=1024)
+        add_copy_delays(ctx, d2h_cycles=delay, h2d_cycles=delay)
+        x = torch.randn(256, 256, device=DEV, requires_grad=True)
+        a = x * 2.0
+        with ctx:
+            y = a.sin()
+        with torch.no_grad():
+            a.add_(1)
+        with pytest.raises(RuntimeError, match="^" + PREFIX[:40]):
+            y.sum().backward()
+
+
+@pytest.mark.parametrize("delay", [0, 1_000_000])
+def test_dedup_keyed_on_version_cuda(delay):
+    """Saved, written in place, saved again (the first copy may still be in flight):
+    the second save gets its own copy; exact gradient."""
+    def program(ctx=None):
+        x = torch.randn(512, 512, device=DEV, dtype=torch.float64, requires_grad=True)
+        with ctx if ctx is not None else torch.enable_grad():
+            a = x * 1.0
+            y1 = a.sin()
+            with torch.no_grad():
+                a.add_(1024.0)
+            y2 = a.cos()
+        y2.sum().backward()
+        del y1
+        return x.grad
+
+    torch.manual_seed(0)
+    ref = program()
+    ctx, _ = get_cpu_offload_context(True, 1, 1, min_offload_bytes=1024)
+    add_copy_delays(ctx, d2h_cycles=delay, h2d_cycles=delay)
+    torch.manual_seed(0)
+    assert torch.equal(ref, program(ctx))
+    assert ctx.stats()["offloaded_tensors"] == 2
+
+
+def test_param_detach_stays_on_cuda():
+    from tests.offload.test_params import SaveDetachedLinear
+    torch.manual_seed(0)
+    layers = [SaveDetachedLinear(256, device=DEV) for _ in range(2)]
+    x = torch.randn(256, 256, device=DEV)
+    ref = run_stack(layers, x, None)[1]
+    _, got, ctx = run_stack(layers, x, dict(num_layers=1, model_layers=2,
+                                            min_offload_bytes=1024))
+    assert_bitwise(ref, got)
+    assert ctx.stats()["offloaded_tensors"] == 1
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("hooks_inside", [True, False])
+def test_checkpointed_layers_cuda(hooks_inside, reentrant):
+    """A layer's own checkpointing re-entering the context in backward: passive."""
+    from moe_offload.offload import offload_module_list
+    from tests.offload.test_module_hooks import CheckpointedLayer, _train
+    torch.manual_seed(0)
+    layers = nn.ModuleList(CheckpointedLayer(hooks_inside, reentrant) for _ in range(3)).to(DEV)
+    x0 = torch.randn(512, 32, device=DEV)
+    ref, _ = _train(layers, x0)
+    handle = offload_module_list(layers, num_layers=2, min_offload_bytes=1024)
+    try:
+        got, fwd = _train(layers, x0, handle)
+        assert_bitwise(ref, got)
+        assert handle.stats()["offloaded_tensors"] == fwd["offloaded_tensors"]
+    finally:
+        handle.remove()

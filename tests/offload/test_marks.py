@@ -153,3 +153,47 @@ def test_contexts_are_per_thread():
         t.join()
         assert is_cpu_offload_enabled()
     assert seen == {"enabled_before": False, "enabled_inside": True}
+
+
+def test_region_stack_is_the_one_active_engine_state():
+    ctx, _ = get_cpu_offload_context(True, **dict(emulate=True, min_offload_bytes=SMALL))
+    opt, _ = get_cpu_offload_context(False)
+    assert marks.regions() == [] and marks.active_engine() is None
+    with ctx:
+        assert [r.owner for r in marks.regions()] == [ctx]
+        assert marks.active_engine() is ctx and marks.owner_entered(ctx)
+        with opt:
+            assert [r.owner for r in marks.regions()] == [ctx, opt]
+            assert marks.active_engine() is None and marks.owner_entered(ctx)
+        assert marks.active_engine() is ctx
+    assert marks.regions() == [] and no_saved_tensor_hooks()
+
+
+def test_set_active_engine_stands_in_a_fake_engine():
+    class Fake:
+        def __init__(self):
+            self.ready = []
+
+        def record_ready(self, t):
+            self.ready.append(t)
+
+    fake = Fake()
+    previous = marks.set_active_engine(fake)
+    try:
+        t = torch.randn(3)
+        marks.start_offload(t)
+        assert is_cpu_offload_enabled() and fake.ready == [t]
+    finally:
+        marks.set_active_engine(previous)
+    assert not is_cpu_offload_enabled()
+
+
+def test_exit_region_out_of_order_unwinds_everything_above():
+    from torch.autograd.graph import saved_tensors_hooks
+    ident = lambda t: t
+    outer = marks.enter_region("outer", None, saved_tensors_hooks(ident, ident))
+    marks.enter_region("inner", None, saved_tensors_hooks(ident, ident))
+    with pytest.raises(RuntimeError, match="reverse order"):
+        marks.exit_region(outer)
+    assert marks.regions() == [] and no_saved_tensor_hooks()
+    marks.exit_region(outer)                   # gone already: a no-op

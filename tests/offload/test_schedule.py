@@ -1,13 +1,11 @@
-"""Layer schedule, forced releases, prefetch, misuse errors, exceptions, module hooks."""
+"""Layer schedule, forced releases, prefetch, misuse errors, exceptions."""
 import gc
 import warnings
 
 import pytest
 import torch
-from torch import nn
 
-from moe_offload.offload import (get_cpu_offload_context, is_cpu_offload_enabled,
-                                 offload_module_list)
+from moe_offload.offload import get_cpu_offload_context, is_cpu_offload_enabled
 from moe_offload.offload.backend import EmulateBackend
 from tests.offload._helpers import (SMALL, Block, assert_bitwise, no_saved_tensor_hooks,
                                     run_stack)
@@ -194,34 +192,6 @@ def test_exception_mid_forward_leaves_nothing_behind():
     assert ctx.stats()["offloaded_tensors"] == 4
 
 
-def test_pool_reused_across_steps_and_trimmed():
-    layers = [Block() for _ in range(3)]
-    ctx, sync = get_cpu_offload_context(True, 2, 3, **EMU)
-    for T in (16, 24, 16, 24, 20, 16):          # varying token counts (MoE-like)
-        x = torch.randn(T, 32, requires_grad=True)
-        _enter_layers(ctx, sync, layers, x).sum().backward()
-        if T == 24 and ctx.stats()["pinned_allocs"] > 0:
-            allocs_after_warmup = ctx.stats()["pinned_allocs"]
-    gc.collect()
-    assert ctx.stats()["pinned_allocs"] == allocs_after_warmup    # no new host allocs
-    assert ctx.pool.lent == 0 and ctx.stats()["pinned_pool_bytes"] > 0
-    ctx2, sync2 = get_cpu_offload_context(True, 2, 3, retain_pinned_cpu_buffers=False, **EMU)
-    x = torch.randn(16, 32, requires_grad=True)
-    _enter_layers(ctx2, sync2, layers, x).sum().backward()
-    gc.collect()
-    assert ctx2.stats()["pinned_pool_bytes"] == 0
-
-
-def test_size_classes():
-    from moe_offload.offload.pool import size_class
-    assert size_class(1) == 4096 and size_class(4096) == 4096
-    assert size_class(4097) == 5120 and size_class(6000) == 6144
-    assert size_class(7000) == 7168 and size_class(8000) == 8192
-    for n in (5000, 10 ** 6, 3 * 10 ** 7 + 1):
-        c = size_class(n)
-        assert n <= c <= 1.25 * n + 4096
-
-
 def test_host_memory_limit_warns_once_and_stays_exact():
     layers = [Block() for _ in range(4)]
     x = torch.randn(64, 32)
@@ -236,30 +206,6 @@ def test_host_memory_limit_warns_once_and_stays_exact():
     s = ctx.stats()
     assert s["over_limit_tensors"] > 0 and s["offloaded_tensors"] > 0
     assert s["pinned_pool_bytes"] <= 20000
-
-
-def test_offload_module_list():
-    layers = nn.ModuleList([Block() for _ in range(4)])
-    x = torch.randn(16, 32)
-    _, ref, _ = run_stack(list(layers), x)
-    handle = offload_module_list(layers, **EMU)
-    _, got, _ = run_stack(list(layers), x)
-    assert_bitwise(ref, got)
-    s = handle.stats()
-    assert s["offloaded_tensors"] == 2 * 3 and s["inline_reloads"] == 0
-    assert handle.context.model_layers == 4
-    # An exception inside a module leaves no hooks installed.
-    bad = nn.ModuleList([Block(), nn.Linear(3, 3)])
-    handle2 = offload_module_list(bad, **EMU)
-    with pytest.raises(RuntimeError):
-        bad[1](bad[0](torch.randn(4, 32, requires_grad=True)))
-    assert no_saved_tensor_hooks() and not is_cpu_offload_enabled()
-    handle.remove()
-    handle2.remove()
-    run_stack(list(layers), x)
-    assert handle.stats()["offloaded_tensors"] == 6
-    with pytest.raises(ValueError):
-        offload_module_list(nn.ModuleList())
 
 
 def test_overlapping_steps_prefetch_their_own_records():
@@ -323,18 +269,4 @@ def test_unpack_inside_the_context_does_not_end_the_step():
             h = sync(h)
         h.sum().backward()
         assert ctx.model_layers == L
-    assert no_saved_tensor_hooks()
-
-
-def test_failed_module_pre_hook_leaves_the_outer_context_alone():
-    """The nested-context error raised in a module pre-hook must not make the post-hook
-    exit a context that never entered (which would switch the outer one off)."""
-    outer, _ = get_cpu_offload_context(True, **EMU)
-    layers = nn.ModuleList([Block()])
-    handle = offload_module_list(layers, **EMU)
-    with outer:
-        with pytest.raises(RuntimeError, match="another enabled one is active"):
-            layers[0](torch.randn(16, 32, requires_grad=True))
-        assert is_cpu_offload_enabled()
-    handle.remove()
     assert no_saved_tensor_hooks()

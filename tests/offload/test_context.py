@@ -1,0 +1,174 @@
+"""Context entry rules: no_grad and backward-time entries are passive, abandoned steps,
+one thread at a time, non-LIFO exits, threshold stats (CPU, emulate)."""
+import threading
+
+import pytest
+import torch
+
+from moe_offload.offload import get_cpu_offload_context, is_cpu_offload_enabled
+from tests.offload._helpers import SMALL, Block, assert_bitwise, no_saved_tensor_hooks, run_stack
+
+EMU = dict(emulate=True, min_offload_bytes=SMALL)
+
+
+def _layers(L=3):
+    torch.manual_seed(0)
+    return [Block() for _ in range(L)]
+
+
+def _forward(layers, x, ctx, sync):
+    h = x
+    for layer in layers:
+        with ctx:
+            h = layer(h)
+        h = sync(h)
+    return h
+
+
+def test_no_grad_forward_does_not_teach_layer_count():
+    """model_layers=None: an evaluation forward under no_grad inside the context is not
+    part of a step (else the first backward would learn 2L layers and every layer of the
+    next steps would offload)."""
+    L = 3
+    layers = _layers(L)
+    x = torch.randn(16, 32)
+    ctx, sync = get_cpu_offload_context(True, **EMU)      # num_layers: all but last
+    with torch.no_grad():
+        _forward(layers, x, ctx, sync)
+    assert ctx.stats()["kept_on_device_tensors"] == 0     # nothing saved, no layer
+    _forward(layers, x.requires_grad_(), ctx, sync).sum().backward()
+    assert ctx.model_layers == L
+    ctx.reset_stats()
+    _forward(layers, x, ctx, sync).sum().backward()
+    assert ctx.stats()["offloaded_tensors"] == 2 * (L - 1)   # last layer resident
+
+
+def test_exception_between_layers_does_not_shift_schedule():
+    """A forward abandoned by an exception outside ``with ctx``: the next step starts at
+    layer 0 (offloads the first layers, keeps the last resident)."""
+    L = 4
+    layers = _layers(L)
+    ctx, sync = get_cpu_offload_context(True, 2, L, **EMU)
+
+    def broken():
+        h = torch.randn(16, 32, requires_grad=True)
+        for i, layer in enumerate(layers):
+            with ctx:
+                h = layer(h)
+            h = sync(h)
+            if i == 1:
+                raise KeyError("data loader failed")
+
+    with pytest.raises(KeyError):
+        broken()
+    x = torch.randn(16, 32)
+    ref_grads = run_stack(layers, x, None)[1]
+    ctx.reset_stats()
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_()
+    h = xg
+    stored = []
+    for layer in layers:
+        with ctx:
+            h = layer(h)
+        h = sync(h)
+        stored.append(ctx.stats()["offloaded_tensors"])
+    # layers 0 and 1 offload (2 saved storages each: x and the hidden), 2 and 3 do not
+    assert stored == [2, 4, 4, 4]
+    (h.float() ** 2).sum().backward()
+    got = [xg.grad] + [p.grad for layer in layers for p in layer.parameters()]
+    assert_bitwise(ref_grads, got)
+
+
+def test_concurrent_entry_from_two_threads_raises_and_leaves_no_hooks():
+    ctx, _ = get_cpu_offload_context(True, 1, 2, **EMU)
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def owner():
+        with ctx:
+            entered.set()
+            release.wait(10)
+        seen["owner_clean"] = no_saved_tensor_hooks() and not is_cpu_offload_enabled()
+
+    def intruder():
+        try:
+            with ctx:
+                pass
+        except RuntimeError as e:
+            seen["error"] = str(e)
+        seen["intruder_clean"] = no_saved_tensor_hooks() and not is_cpu_offload_enabled()
+        ctx.__exit__(None, None, None)        # a stray exit (module post-hook) is a no-op
+
+    t1 = threading.Thread(target=owner)
+    t1.start()
+    assert entered.wait(10)
+    t2 = threading.Thread(target=intruder)
+    t2.start()
+    t2.join(10)
+    release.set()
+    t1.join(10)
+    assert "another thread" in seen["error"]
+    assert seen["intruder_clean"] and seen["owner_clean"]
+    with ctx:                                 # usable again afterwards
+        assert is_cpu_offload_enabled()
+    assert no_saved_tensor_hooks()
+
+
+def test_non_lifo_exit_raises_and_leaves_no_state():
+    ctx, _ = get_cpu_offload_context(True, 1, 2, **EMU)
+    opt, _ = get_cpu_offload_context(False)
+    ctx.__enter__()
+    opt.__enter__()
+    assert not is_cpu_offload_enabled()
+    with pytest.raises(RuntimeError, match="reverse order"):
+        ctx.__exit__(None, None, None)
+    assert not is_cpu_offload_enabled() and no_saved_tensor_hooks()
+    opt.__exit__(None, None, None)             # already unwound: nothing happens
+    assert not is_cpu_offload_enabled() and no_saved_tensor_hooks()
+    with ctx:                                  # and the context works again
+        assert is_cpu_offload_enabled()
+    assert not is_cpu_offload_enabled() and no_saved_tensor_hooks()
+
+
+def test_entry_inside_backward_is_passive():
+    """An entry while autograd runs a backward (a recomputation calling the module's
+    hooks) starts no step, installs no hooks and offloads nothing."""
+    ctx, sync = get_cpu_offload_context(True, 1, 2, **EMU)
+    x = torch.randn(64, 32, requires_grad=True)
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(c, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(c, g):
+            with torch.enable_grad():
+                with ctx:
+                    seen["enabled"] = is_cpu_offload_enabled()
+                    y = (g.detach().requires_grad_() * 3).sin()
+                seen["step"] = ctx._step
+            return g
+
+    with ctx:
+        h = Probe.apply(x).sin()
+    step = ctx._step
+    h = sync(h)
+    before = ctx.stats()["offloaded_tensors"]
+    h.sum().backward()
+    assert seen == {"enabled": False, "step": step}
+    assert ctx.stats()["offloaded_tensors"] == before
+
+
+def test_below_threshold_is_counted():
+    """A tiny model under the default threshold offloads nothing, and stats say why."""
+    layers = _layers(2)
+    _, _, ctx = run_stack(layers, torch.randn(4, 32), dict(emulate=True, num_layers=1,
+                                                           model_layers=2))
+    s = ctx.stats()
+    # layer 0 saves x and its hidden (twice: relu output and mm input)
+    assert s["offloaded_tensors"] == 0 and s["below_threshold_tensors"] == 3
+    assert s["below_threshold_bytes"] == 4 * 32 * 4 + 2 * 4 * 64 * 4
