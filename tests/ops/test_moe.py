@@ -35,7 +35,7 @@ def _params(m):
 @pytest.mark.parametrize("top_k, normalize, activation", [(2, True, "swiglu"), (1, False, "gelu"),
                                                           (3, False, "geglu")])
 def test_matches_naive_loop(dtype, tol, top_k, normalize, activation):
-    m = MoE(12, 8, 5, top_k, activation, normalize_topk=normalize, dtype=dtype)
+    m = MoE(12, 8, 5, top_k, activation, normalize_topk=normalize, dtype=dtype, aux_loss_coef=0)
     x = torch.randn(2, 9, 12, dtype=dtype, requires_grad=True)
     dy = torch.randn(2, 9, 12, dtype=dtype)
     y = m(x)
@@ -52,7 +52,7 @@ def test_matches_naive_loop(dtype, tol, top_k, normalize, activation):
 @pytest.mark.parametrize("coef", [1.0, 0.01])
 def test_aux_loss_formula(coef):
     E, k = 4, 2
-    m = MoE(8, 4, E, k, aux_loss_coef=coef, dtype=torch.float64)
+    m = MoE(8, 4, E, k, aux_loss_coef=coef, dtype=torch.float64, attach_aux_loss=False)
     x = torch.randn(13, 8, dtype=torch.float64)
     m(x)
     probs = torch.softmax(x @ m.router.weight.detach().t(), dim=-1)
@@ -75,7 +75,7 @@ def test_deterministic_and_drop_in():
         x.grad = None
         block.zero_grad()
         y = block(x)
-        (y.square().mean() + block[1].aux_loss).backward()
+        y.square().mean().backward()
         outs.append([y.detach(), x.grad] + [p.grad for p in block.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -133,7 +133,7 @@ def test_cuda_no_host_sync():
         mlp(x, short, p).sum().backward()
         mlp_fc1(x, splits, p).sum().backward()
         y = moe(x.view(4, 25, 64))
-        (y.float().sum() + moe.aux_loss).backward()
+        y.float().sum().backward()      # the aux loss is attached to y
 
     step()                      # warm-up: Triton compile, cuBLAS handles
     torch.cuda.synchronize()
