@@ -335,3 +335,43 @@ def test_nothing_outlives_the_step():
         for l in layers:
             l.zero_grad(set_to_none=True)
     assert live_bytes() == before
+
+
+# -------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_cuda_moe_stack_offload_plus_checkpoint_bitwise_and_only_inputs_move():
+    """On the GPU: dropout (CUDA RNG replay), MoE with its attached aux loss, real
+    streams; each offloaded layer moves exactly its input."""
+    import moe_offload
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = moe_offload.MoE(256, 512, 8, 2, device="cuda", dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return x + torch.dropout(self.moe(x), 0.1, True)
+
+    torch.manual_seed(0)
+    layers = [Layer() for _ in range(4)]
+    params = [p for l in layers for p in l.parameters()]
+    x0 = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16)
+
+    def run(mode):
+        torch.manual_seed(11)
+        for p in params:
+            p.grad = None
+        x = x0.clone().requires_grad_()
+        ctx = sync = None
+        if mode != "plain":
+            ctx, sync = get_cpu_offload_context(True, 3, 4, min_offload_bytes=0)
+        call = (lambda l, t: offloaded_checkpoint(l, t)) if mode == "ckpt" else None
+        h = forward_stack(layers, x, ctx, sync, call)
+        h.float().square().mean().backward()
+        torch.cuda.synchronize()
+        return [x.grad] + [p.grad for p in params], ctx
+
+    ref, _ = run("plain")
+    got, ctx = run("ckpt")
+    assert_bitwise(ref, got)
+    assert ctx.stats()["offloaded_bytes"] == 3 * x0.numel() * x0.element_size()
