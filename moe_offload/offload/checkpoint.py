@@ -235,7 +235,10 @@ def offloaded_checkpoint(fn: Callable, *args: Any, **kwargs: Any):
     ``torch.no_grad`` this is just ``fn(*args, **kwargs)``.
 
     Raises ``torch.utils.checkpoint.CheckpointError`` when the recomputation saves a
-    different number of tensors, or tensors of another shape, dtype or device.
+    different number of tensors, or tensors of another shape, dtype or device (e.g. a
+    Hugging Face layer called with a KV cache, which the recomputation appends to again:
+    call the model with ``use_cache=False``).  Unsupported (a clear ``RuntimeError``): a
+    backward inside ``fn`` through tensors ``fn`` itself saved.
     """
     if not callable(fn):
         raise TypeError(f"offloaded_checkpoint: fn must be callable, got {type(fn).__name__}")
