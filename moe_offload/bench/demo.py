@@ -94,8 +94,7 @@ def demo_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         t0 = time.perf_counter()
         logits = model(seq[:, :-1], wrap)
         loss = F.cross_entropy(logits.float().reshape(-1, vocab), seq[:, 1:].reshape(-1))
-        aux = sum(b.moe.aux_loss for b in model.blocks if b.moe.aux_loss is not None)
-        (loss + aux).backward()
+        loss.backward()      # each MoE's load-balancing loss is attached to its output
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:

@@ -12,6 +12,7 @@ forward left allocated, and the running maximum over the step.  On the CPU, offl
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["StepTimes", "StepMemory", "measure_bandwidth", "time_steps", "measure_memory",
-           "count_saved_bytes", "capture_grads", "grads_bitwise_equal", "trace_memory"]
+__all__ = ["StepTimes", "StepMemory", "MemoryMeasurementError", "measure_bandwidth", "time_steps",
+           "measure_memory", "count_saved_bytes", "capture_grads", "grads_bitwise_equal",
+           "trace_memory"]
 
 MiB = 1 << 20
 
@@ -149,9 +151,31 @@ def _cpu_profiled_step(forward: Callable[[], torch.Tensor],
     return series, (fwd_end - t0) / 1e6
 
 
+class MemoryMeasurementError(RuntimeError):
+    """The activation figure is impossible (below the bytes the forward must leave alive)."""
+
+
+def _check_act(act: int, min_act_bytes: int) -> None:
+    if act < min_act_bytes:
+        raise MemoryMeasurementError(
+            f"activation memory {act / MiB:.1f} MiB is below the forward output's "
+            f"{min_act_bytes / MiB:.1f} MiB: the forward freed memory retained from an earlier "
+            "step (a graph or buffer kept past its backward), so this figure would understate "
+            "the strategy's memory")
+
+
 def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
-                   cuda: bool) -> StepMemory:
-    """One step measuring activation and peak memory (see the module docstring)."""
+                   cuda: bool, min_act_bytes: int = 0) -> StepMemory:
+    """One step measuring activation and peak memory (see the module docstring).
+
+    It starts from a clean state: whatever the previous step dropped is collected first
+    (``gc.collect()``: graphs and modules can form reference cycles that only the
+    collector frees), so the forward cannot free earlier memory and look smaller.
+    Memory the previous step still *holds* (a graph stored on a module) can still be
+    freed by this forward; ``min_act_bytes`` (the forward output's bytes, which the
+    forward must leave allocated) catches that: a smaller figure raises
+    :class:`MemoryMeasurementError` instead of being reported."""
+    gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -162,10 +186,12 @@ def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torc
         backward(y)
         del y
         torch.cuda.synchronize()
+        _check_act(act, min_act_bytes)
         return StepMemory(act, torch.cuda.max_memory_allocated(), base, "torch.cuda.memory_allocated")
     series, fwd_end = _cpu_profiled_step(forward, backward)
     act = [b for t, b in series if t <= fwd_end][-1]
     peak = max(b for _, b in series)
+    _check_act(int(act), min_act_bytes)
     return StepMemory(int(act), int(peak), 0, "cpu profiler (net host bytes)")
 
 

@@ -87,35 +87,18 @@ class FusedLayer(nn.Module):
         return self.mlp.forward_offsets(x_TH, self.offs_G, covered=True)
 
 
-class _WithAuxLoss(torch.autograd.Function):
-    """``y`` unchanged; its backward also sends gradient 1 into ``aux`` -- the same as
-    adding ``aux`` to the loss, which is what training does with ``moe.aux_loss``.  So
-    the router's graph is consumed by the step's backward instead of living on."""
-
-    @staticmethod
-    def forward(ctx, y, aux):
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, torch.ones((), dtype=torch.float32, device=dy.device)
-
-
 class MoELayer(nn.Module):
-    """A full MoE block whose backward includes its load-balancing loss."""
+    """A full MoE block; its backward includes its load-balancing loss (``MoE`` attaches
+    it to its output)."""
 
     def __init__(self, moe: nn.Module):
         super().__init__()
         self.moe = moe
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The block's output; its backward also back-propagates ``moe.aux_loss``."""
+        """The block's output (its backward also back-propagates the aux loss)."""
         out = self.moe(x_TH)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        aux = self.moe.aux_loss
-        if aux is not None and aux.requires_grad and out.requires_grad:
-            out = _WithAuxLoss.apply(out, aux)
-        return out
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @dataclass

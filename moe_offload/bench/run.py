@@ -280,7 +280,7 @@ def _measure(row: dict, runner, stack, x, dy, cfg: BenchConfig, cuda: bool, refs
     t = time_steps(forward, backward, cfg.iters, cuda, before)
     before()
     allocate_grads(params)   # the step peak: activations + backward temporaries
-    mem = measure_memory(forward, backward, cuda)
+    mem = measure_memory(forward, backward, cuda, min_act_bytes=row["output_bytes"])
     d2h, h2d = runner.moved_bytes()
     row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,
                act_bytes=mem.act_bytes, peak_bytes=mem.peak_bytes, base_bytes=mem.base_bytes,

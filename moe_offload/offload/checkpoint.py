@@ -1,42 +1,91 @@
 """``offloaded_checkpoint``: activation checkpointing whose inputs go through offload.
 
-The forward runs ``fn`` under ``no_grad`` and saves only the tensor inputs with
-``save_for_backward``, so an active offload context moves them to the host (the
-offload + recompute strategy: one input per layer travels, the rest is recomputed).
-The backward reloads the inputs, restores the CPU and CUDA RNG states captured before
-the forward (so dropout masks match) and the forward's autocast state (so the same
-function is recomputed), re-runs ``fn`` with grad and back-propagates through it, like
-torch's reentrant checkpoint.
+Non-reentrant design (the semantics of ``torch.utils.checkpoint(use_reentrant=False)``,
+our own code):
+
+- **Forward.** ``fn`` runs *with* grad recording, so its outputs -- and any value that
+  leaves it by a side channel, e.g. router logits collected by a forward hook for a
+  load-balancing loss computed outside -- carry their graph.  While it runs, our own
+  ``saved_tensors_hooks`` are the innermost pair: every tensor autograd saves inside
+  ``fn`` is replaced by a tiny :class:`_Holder` (its shape, dtype and device are noted
+  for the recompute check).  The outer offload engine sees none of these saves.
+- **Inputs.** Just before, the tensors found in ``args``/``kwargs`` (also inside
+  tuples, lists and dicts) are saved by a no-op autograd function,
+  :class:`_InputSaver`, under the hooks active at the call -- the offload engine's when
+  ``offloaded_checkpoint`` runs inside its context.  So the inputs are the only bytes
+  that travel, and nothing else holds them: the frame keeps the saver's graph node, whose
+  saved values are whatever the outer hooks packed (a host copy when offloaded), and
+  reads them back through that node at recompute time.
+- **Backward.** The first unpack of a holder whose value is missing recomputes ``fn``
+  once: inputs read back through the saver node, the CPU and CUDA RNG states captured
+  before the forward restored (so dropout masks match), the forward's autocast state
+  re-entered, and our recompute hooks fill every live holder in save order, checking
+  shape/dtype/device against the forward.  Recomputation stops as soon as the last saved
+  tensor is recomputed.  Each unpack hands its value over and empties the holder, so the
+  recomputed tensors live only until their node has used them; a later backward through
+  the same graph (``retain_graph=True``) finds empty holders and recomputes again.
+- **Errors.** A recomputation that saves more or fewer tensors, or tensors of another
+  shape/dtype/device, raises ``torch.utils.checkpoint.CheckpointError`` (torch's own
+  class).  A second backward without ``retain_graph`` raises autograd's usual error
+  (the holders were released with the graph's buffers).
+
+Nested checkpoints work as torch's do: an inner checkpoint's inputs are saved by its
+saver under the outer checkpoint's holders, so reading them recomputes the outer
+function first.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Any
+import weakref
+from typing import Any, Callable, List, Optional
 
 import torch
-from torch.utils.checkpoint import get_device_states, set_device_states
+from torch.utils.checkpoint import CheckpointError, get_device_states, set_device_states
 
-__all__ = ["offloaded_checkpoint", "is_recomputing", "in_checkpoint_forward"]
-
-
-_RECOMPUTING = threading.local()
+__all__ = ["offloaded_checkpoint"]
 
 
-def is_recomputing() -> bool:
-    """True while :func:`offloaded_checkpoint` re-runs a function in backward.
+# ----------------------------------------------------------------- nested arguments
+class _Slot:
+    """Placeholder for the ``index``-th tensor of a checkpoint's arguments."""
+    __slots__ = ("index",)
 
-    Modules that publish a value from their forward as an attribute (``MoE.aux_loss``)
-    use it to keep the forward's value: a recomputed graph stored on a module would keep
-    the recomputation's inputs and their gradients alive until the next forward."""
-    return getattr(_RECOMPUTING, "depth", 0) > 0
-
-
-def in_checkpoint_forward() -> bool:
-    """True while :func:`offloaded_checkpoint` runs a function's (no-grad) forward."""
-    return getattr(_RECOMPUTING, "forward_depth", 0) > 0
+    def __init__(self, index: int):
+        self.index = index
 
 
+def _strip(obj: Any, tensors: List[torch.Tensor]) -> Any:
+    """``obj`` with every tensor (also inside tuples, lists and dicts) replaced by a
+    :class:`_Slot`; the tensors are appended to ``tensors``.  Other objects are kept as
+    they are (a tensor inside an arbitrary object is not found, as in torch)."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, (list, tuple)):
+        items = [_strip(o, tensors) for o in obj]
+        if isinstance(obj, list):
+            return items
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, _strip(v, tensors)) for k, v in obj.items())
+    return obj
+
+
+def _fill(obj: Any, tensors) -> Any:
+    """Inverse of :func:`_strip`: the slots replaced by ``tensors``."""
+    if isinstance(obj, _Slot):
+        return tensors[obj.index]
+    if isinstance(obj, (list, tuple)):
+        items = [_fill(o, tensors) for o in obj]
+        if isinstance(obj, list):
+            return items
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, _fill(v, tensors)) for k, v in obj.items())
+    return obj
+
+
+# ---------------------------------------------------------------- autocast and RNG
 def _autocast_state() -> list:
     """``[(device_type, enabled, dtype, cache_enabled)]`` of CPU and CUDA autocast."""
     state = [("cpu", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
@@ -55,67 +104,154 @@ def _autocast_contexts(state: list) -> contextlib.ExitStack:
     return stack
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn, *args):
-        ctx.fn = fn
-        ctx.tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.had_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        ctx.devices, ctx.device_states = [], []
-        if ctx.had_cuda:
-            ctx.devices, ctx.device_states = get_device_states(*args)
-        # The recomputation must run the same function: same autocast state as now.
-        ctx.autocast = _autocast_state()
-        ctx.save_for_backward(*[args[i] for i in ctx.tensor_pos])
-        _RECOMPUTING.forward_depth = getattr(_RECOMPUTING, "forward_depth", 0) + 1
-        try:
-            with torch.no_grad():
-                return fn(*args)
-        finally:
-            _RECOMPUTING.forward_depth -= 1
+# -------------------------------------------------------------------- the pieces
+class _InputSaver(torch.autograd.Function):
+    """No-op whose only job is ``save_for_backward(*inputs)`` under the hooks active at
+    the call (the offload engine's, when one is).  Its output is dropped and its backward
+    never runs: the frame keeps the node and reads ``node.saved_tensors`` to recompute.
+    ``anchor`` (an empty tensor that requires grad) makes autograd create the node even
+    when no input requires grad."""
 
     @staticmethod
-    def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        args = list(ctx.args)
-        inputs = []
-        for k, (pos, t) in enumerate(zip(ctx.tensor_pos, saved)):
-            x = t.detach()
-            x.requires_grad_(ctx.needs_input_grad[pos + 1])
-            args[pos] = x
-            inputs.append(x)
-        with torch.random.fork_rng(devices=ctx.devices, enabled=True):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.had_cuda:
-                set_device_states(ctx.devices, ctx.device_states)
-            _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
+    def forward(ctx, anchor, *inputs):
+        ctx.save_for_backward(*inputs)
+        return anchor.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - the output is never used
+        return (None,) * len(ctx.needs_input_grad)
+
+
+class _Holder:
+    """Stands in for one tensor saved inside ``fn``: empty from the forward until a
+    recomputation fills it, emptied again by the unpack that hands the value over."""
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self):
+        self.value: Optional[torch.Tensor] = None
+
+
+class _Stop(Exception):
+    """Raised by a recompute pack hook once the last saved tensor is recomputed."""
+
+    def __init__(self, frame):
+        super().__init__()
+        self.frame = frame
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.device
+
+
+class _Frame:
+    """One call of :func:`offloaded_checkpoint`: what the recomputation needs.
+
+    Held only by the hooks of the tensors ``fn`` saved, so it (and through the saver node
+    the offloaded inputs) is freed with the graph's buffers."""
+
+    def __init__(self, fn: Callable, template: Any, tensors: List[torch.Tensor]):
+        self.fn, self.template = fn, template
+        self.holders: List[weakref.ref] = []      # one per tensor saved in the forward
+        self.metas: List[tuple] = []
+        self.forward_done = False
+        self.cpu_rng = torch.get_rng_state()
+        self.had_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.devices, self.device_states = get_device_states(*tensors) if self.had_cuda else ([], [])
+        self.autocast = _autocast_state()
+        anchor = torch.empty(0, requires_grad=True)
+        self.saver = _InputSaver.apply(anchor, *tensors).grad_fn
+
+    # -- forward: fn's saves become holders
+    def pack(self, t: torch.Tensor) -> _Holder:
+        holder = _Holder()
+        self.holders.append(weakref.ref(holder))
+        self.metas.append(_meta(t))
+        return holder
+
+    def unpack(self, holder: _Holder) -> torch.Tensor:
+        if holder.value is None:
+            self.recompute()
+        value, holder.value = holder.value, None
+        return value
+
+    # -- backward: refill the holders
+    def recompute(self) -> None:
+        if not self.forward_done:
+            raise RuntimeError("offloaded_checkpoint: a backward inside the checkpointed function "
+                               "(through a tensor it saved) is not supported; use "
+                               "torch.utils.checkpoint for that function")
+        args, kwargs = _fill(self.template, self.saver.saved_tensors)
+        count = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            index, count = count, count + 1
+            if index >= len(self.holders):
+                raise CheckpointError(
+                    "offloaded_checkpoint: the recomputation saved more tensors than the "
+                    f"forward ({len(self.holders)}); the checkpointed function must run the same "
+                    "operations both times")
+            t = t.detach()
+            if _meta(t) != self.metas[index]:
+                raise CheckpointError(
+                    f"offloaded_checkpoint: saved tensor {index} differs between the forward and "
+                    f"the recomputation: (shape, dtype, device) {self.metas[index]} vs {_meta(t)}")
+            holder = self.holders[index]()
+            if holder is not None:        # None: that part of the graph is already freed
+                holder.value = t
+            if count == len(self.holders):
+                raise _Stop(self)         # everything needed is recomputed: stop early
+            return t
+
+        with torch.random.fork_rng(devices=self.devices, enabled=True):
+            torch.set_rng_state(self.cpu_rng)
+            if self.had_cuda:
+                set_device_states(self.devices, self.device_states)
             try:
-                with torch.enable_grad(), _autocast_contexts(ctx.autocast):
-                    outputs = ctx.fn(*args)
-            finally:
-                _RECOMPUTING.depth -= 1
-        if isinstance(outputs, torch.Tensor):
-            outputs = (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        result = [None] * (len(ctx.args) + 1)
-        for pos, x in zip(ctx.tensor_pos, inputs):
-            result[pos + 1] = x.grad if x.requires_grad else None
-        return tuple(result)
+                with torch.enable_grad(), _autocast_contexts(self.autocast), \
+                        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    self.fn(*args, **kwargs)
+            except _Stop as stop:
+                if stop.frame is not self:
+                    raise
+                return
+        raise CheckpointError(
+            "offloaded_checkpoint: the recomputation saved fewer tensors than the forward "
+            f"({count} vs {len(self.holders)}); the checkpointed function must run the same "
+            "operations both times")
 
 
-def offloaded_checkpoint(fn, *args: Any):
-    """Checkpoint ``fn(*args)``: save only the tensor inputs (through the offload hooks
-    when a context is active), recompute ``fn`` in backward with the same RNG state.
+def offloaded_checkpoint(fn: Callable, *args: Any, **kwargs: Any):
+    """Checkpoint ``fn(*args, **kwargs)`` (non-reentrant): keep only its tensor inputs --
+    through the offload hooks when a context is active -- and recompute ``fn`` in backward.
 
-    Gradients are bitwise equal to running ``fn`` without checkpointing, given a
-    deterministic ``fn``.  Parameters used by ``fn`` receive their gradients during the
-    recomputation's inner backward.
+    ``fn`` runs with grad recording, so outputs and values leaving by side channels
+    (forward hooks, attributes) keep their graph; what ``fn`` saves for backward is
+    recomputed instead of stored.  Tensors may be passed positionally or by keyword, also
+    inside tuples, lists and dicts; parameters used by ``fn`` get their gradients whether
+    or not any argument requires grad.  The recomputation runs under the CPU/CUDA RNG
+    state and the autocast state of the forward, so gradients are bitwise equal to
+    running ``fn`` without checkpointing, given a deterministic ``fn``.  Under
+    ``torch.no_grad`` this is just ``fn(*args, **kwargs)``.
+
+    Raises ``torch.utils.checkpoint.CheckpointError`` when the recomputation saves a
+    different number of tensors, or tensors of another shape, dtype or device (e.g. a
+    Hugging Face layer called with a KV cache, which the recomputation appends to again:
+    call the model with ``use_cache=False``).  Unsupported (a clear ``RuntimeError``): a
+    backward inside ``fn`` through tensors ``fn`` itself saved.
     """
     if not callable(fn):
         raise TypeError(f"offloaded_checkpoint: fn must be callable, got {type(fn).__name__}")
-    return _OffloadedCheckpoint.apply(fn, *args)
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    tensors: List[torch.Tensor] = []
+    template = _strip((args, kwargs), tensors)
+    frame = _Frame(fn, template, tensors)
+    del tensors
+    with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
+        out = fn(*args, **kwargs)
+    frame.forward_done = True
+    if not frame.had_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise RuntimeError("offloaded_checkpoint: CUDA was initialized inside the checkpointed "
+                           "function, so its RNG state could not be saved; initialize CUDA before")
+    return out

@@ -16,13 +16,11 @@ Steps (all on the device):
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..offload.checkpoint import in_checkpoint_forward, is_recomputing
 from .checks import check_int
 from .grouped_mlp import GroupedMLP
 
@@ -81,6 +79,26 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_Tk: torch.Tensor, num_ex
     return num_experts * (f_E * P_E).sum()
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """``y`` unchanged (an alias); backward passes ``dy`` through and sends ``coef`` as the
+    gradient of the scalar ``aux`` -- exactly what ``loss + coef * aux`` would send.
+
+    The aux loss so travels with the tensor it is attached to: whatever back-propagates
+    through it back-propagates the aux loss too, once, with no graph kept anywhere else.
+    Recomputation (any checkpoint) builds and drops its own copy, which is harmless."""
+
+    @staticmethod
+    def forward(ctx, y, aux, coef: float):
+        ctx.aux_meta = (aux.dtype, aux.device)
+        ctx.coef = coef
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dtype, device = ctx.aux_meta
+        return dy, torch.full((), ctx.coef, dtype=dtype, device=device), None
+
+
 class MoE(nn.Module):
     """Top-k mixture of experts layer: ``(..., H) -> (..., H)``.
 
@@ -90,30 +108,41 @@ class MoE(nn.Module):
         activation: expert activation (see :class:`GroupedMLP`).
         normalize_topk: renormalize the ``k`` chosen probs to sum to 1.
         recipe: expert compute recipe (see :class:`GroupedMLP`).
-        aux_loss_coef: scale of ``self.aux_loss``.
+        aux_loss_coef: weight of the load-balancing loss in the training loss.
         recompute: expert recompute mode (see :class:`GroupedMLP`).
+        attach_aux_loss: ``True`` (default): the load-balancing loss trains the router
+            with no extra code (see below).  ``False``: nothing is attached and
+            ``self.aux_loss`` keeps its graph, for users who add it to the loss themselves.
 
     Modules: ``router`` = ``nn.Linear(H, E, bias=False)``; ``experts`` = ``GroupedMLP``.
 
-    After each forward ``self.aux_loss`` holds ``aux_loss_coef * E * sum_e f_e * P_e``
-    (fp32 scalar, differentiable through ``P_e``; see :func:`load_balancing_loss`), to
-    be added to the training loss.  Expert token counts never leave the device.
+    Load-balancing loss: ``aux_loss_coef * E * sum_e f_e * P_e`` (fp32 scalar,
+    differentiable through ``P_e``; see :func:`load_balancing_loss`).  By default it is
+    *attached* to the block's output: an autograd function on the expert outputs (the
+    last step before the combine that makes the output) passes the output gradient
+    through and also sends ``aux_loss_coef`` into the aux loss, so back-propagating any
+    loss through the output trains the router as ``loss + aux_loss`` would, once per
+    backward.  No graph is stored on the module, so checkpointing (``torch.utils.checkpoint``
+    in both modes, :func:`moe_offload.offloaded_checkpoint`) and offload need no care:
+    recomputation builds and drops its own copy.  (Attached to the expert outputs, not to
+    the returned tensor itself, so the output stays an ordinary tensor that may be
+    modified in place.)  After each forward ``self.aux_loss`` holds the loss's value,
+    *detached*, for logging: do not add it to the loss (it would add nothing; the
+    gradient is already there).
 
-    ``self.aux_loss`` keeps the router's part of the graph (its saved softmax output)
-    alive until a backward consumes it or the next forward replaces it, so add it to the
-    loss you back-propagate.  Under :func:`moe_offload.offloaded_checkpoint` the
-    recomputation in backward leaves it alone (a recomputed graph stored here would keep
-    the recomputed inputs and their gradients alive until the next forward), and since
-    that checkpoint's forward runs without grad, ``aux_loss`` is ``None`` there (with a
-    one-time warning): a value without gradient would silently not train the router.
-    Under ``torch.utils.checkpoint`` the recomputation sets it again: use the value read
-    right after the forward.
+    With ``attach_aux_loss=False`` (or to take over the weighting) ``self.aux_loss`` is
+    the weighted loss *with* its graph, to be added to the loss by the caller, as in
+    ``loss = task_loss + sum(m.aux_loss for m in moes)``; under checkpointing the
+    recomputation then replaces it with a graph that is never back-propagated (read it
+    right after the forward).  ``aux_loss_coef=0`` attaches nothing either.  Expert
+    token counts never leave the device.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", *, normalize_topk: bool = True,
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
-                 recompute: str = "activation", device=None, dtype=None):
+                 recompute: str = "activation", attach_aux_loss: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         check_int("hidden_size", hidden_size)
         check_int("ffn_hidden_size", ffn_hidden_size)
@@ -123,11 +152,11 @@ class MoE(nn.Module):
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
+        self.attach_aux_loss = attach_aux_loss
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = GroupedMLP(num_experts, hidden_size, ffn_hidden_size, activation, bias=False,
                                   recipe=recipe, recompute=recompute, device=device, dtype=dtype)
         self.aux_loss: Optional[torch.Tensor] = None
-        self._warned_checkpoint = False
 
     def route(self, x_TH: torch.Tensor):
         """``(probs_TE, topk_probs_Tk, topk_experts_Tk int64)``; probs in fp32 (fp64 for fp64 input)."""
@@ -151,18 +180,9 @@ class MoE(nn.Module):
         x_TH = x.reshape(-1, self.hidden_size)
         k, E = self.top_k, self.num_experts
         probs_TE, p_Tk, e_Tk = self.route(x_TH)
-        if in_checkpoint_forward():
-            # No grad here, so a value would train nothing if added to the loss: make
-            # that loud instead of a silently missing router gradient.
-            self.aux_loss = None
-            if not self._warned_checkpoint:
-                self._warned_checkpoint = True
-                warnings.warn("MoE under offloaded_checkpoint: its forward runs without grad, so "
-                              "aux_loss is None (the load-balancing loss cannot train the router "
-                              "there); use torch.utils.checkpoint or keep this MoE outside the "
-                              "checkpointed function", RuntimeWarning, stacklevel=2)
-        elif not is_recomputing():     # keep the forward's value (see the class docstring)
-            self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
+        aux = load_balancing_loss(probs_TE, e_Tk, E)
+        attach = self.attach_aux_loss and self.aux_loss_coef != 0 and aux.requires_grad
+        self.aux_loss = (aux.detach() if self.attach_aux_loss else aux) * self.aux_loss_coef
 
         e_S = e_Tk.reshape(-1)
         order_S = torch.argsort(e_S, stable=True)
@@ -172,4 +192,6 @@ class MoE(nn.Module):
         xs_SH = _Permute.apply(x_TH, order_S, k)
         ps_S = p_Tk.reshape(-1).index_select(0, order_S)
         ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
+        if attach:
+            ys_SH = _AttachAuxLoss.apply(ys_SH, aux, float(self.aux_loss_coef))
         return _Unpermute.apply(ys_SH, order_S, k).view(x.shape)

@@ -4,8 +4,8 @@ import torch
 
 from moe_offload.bench import run as bench_run
 from moe_offload.bench.config import BenchConfig
-from moe_offload.bench.measure import (capture_grads, count_saved_bytes, grads_bitwise_equal,
-                                       measure_memory, time_steps)
+from moe_offload.bench.measure import (MemoryMeasurementError, capture_grads, count_saved_bytes,
+                                       grads_bitwise_equal, measure_memory, time_steps)
 from moe_offload.bench.models import make_split_sizes
 from moe_offload.bench.strategies import Runner, Strategy, plan_hideable_layers, strategy_list
 
@@ -106,6 +106,92 @@ def test_failing_strategy_is_a_row(monkeypatch):
                       recipe="none", stack="fused", iters=1, warmup=0, progress=False)
     rows = {r["strategy"]: r for r in bench_run.run_bench(cfg)["rows"]}
     assert rows["boom"]["status"] == "error" and "kaboom" in rows["boom"]["note"]
+
+
+def _fake_device_allocator(monkeypatch):
+    """Run ``measure_memory``'s CUDA branch on the CPU: ``memory_allocated`` counts the
+    bytes of every tensor object the interpreter still tracks -- like a device allocator,
+    it sees cyclic garbage until the collector frees it, and memory a forward frees."""
+    import gc
+
+    def allocated():
+        seen, n = set(), 0
+        for o in gc.get_objects():
+            if type(o) in (torch.Tensor, torch.nn.Parameter) and o.untyped_storage().data_ptr() not in seen:
+                seen.add(o.untyped_storage().data_ptr())
+                n += o.untyped_storage().nbytes()
+        return n
+    for name, fn in (("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                     ("memory_allocated", allocated), ("max_memory_allocated", allocated)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_memory_starts_after_the_previous_step_is_collected(monkeypatch):
+    """Cyclic garbage left by an earlier step is collected before the step starts, so a
+    collection during the forward cannot make its activation figure look smaller."""
+    import gc
+    _fake_device_allocator(monkeypatch)
+    x = torch.randn(64, 64, requires_grad=True)
+
+    def fwd():
+        gc.collect()                    # what an automatic collection may do mid-forward
+        return torch.tanh(x @ x)
+    gc.disable()
+    try:
+        cycle = [torch.ones(1 << 20)]
+        cycle.append(cycle)             # 4 MiB, freed only by the collector
+        del cycle
+        m = measure_memory(fwd, lambda y: y.sum().backward(), cuda=True)
+    finally:
+        gc.enable()
+    assert m.act_bytes >= 64 * 64 * 4
+
+
+class _RetainsAcrossSteps(Runner):
+    """Keeps 4 MiB from each backward until the next forward (as a graph stored on a
+    module did): the next forward frees it and its activation figure would look small."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = None
+
+    def forward(self, layers, x):
+        self.kept = None
+        y = super().forward(layers, x)
+        y.register_hook(lambda g: setattr(self, "kept", torch.ones(1 << 20)))
+        return y
+
+
+def test_memory_retained_from_the_previous_step_is_an_error_row(monkeypatch):
+    _fake_device_allocator(monkeypatch)
+    x = torch.randn(64, 64, requires_grad=True)
+    state = {}
+
+    def fwd():
+        state.clear()
+        return torch.tanh(x @ x)
+
+    def bwd(y):
+        y.sum().backward()
+        state["kept"] = torch.ones(1 << 20)
+
+    bwd(fwd())
+    with pytest.raises(MemoryMeasurementError, match="below the forward output"):
+        measure_memory(fwd, bwd, cuda=True, min_act_bytes=64 * 64 * 4)
+
+    # In the bench: the row becomes an error row (the fake allocator on the CPU run).
+    real = bench_run.measure_memory
+    monkeypatch.setattr(bench_run, "measure_memory",
+                        lambda f, b, cuda, min_act_bytes=0: real(f, b, True, min_act_bytes))
+    base = [s for s in strategy_list(None) if s.name == "none"]
+    extra = [Strategy("retains", "offload", "ours", "", "none", lambda info: _RetainsAcrossSteps())]
+    monkeypatch.setattr(bench_run, "strategy_list", lambda recipe: base + extra)
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
+                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
+    rows = {r["strategy"]: r for r in bench_run.run_bench(cfg)["rows"]}
+    assert rows["none"]["status"] == "ok" and rows["none"]["act_bytes"] >= rows["none"]["output_bytes"]
+    assert rows["retains"]["status"] == "error"
+    assert "MemoryMeasurementError" in rows["retains"]["note"]
 
 
 def test_count_saved_bytes_threshold():

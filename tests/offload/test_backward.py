@@ -142,9 +142,9 @@ def test_offloaded_checkpoint_recomputes_under_the_forward_autocast():
 
 
 def test_offloaded_checkpoint_of_moe_keeps_nothing_alive_after_backward():
-    """MoE publishes aux_loss as an attribute; the recomputation must not replace it
-    with a graph that holds the recomputed input and its gradient until the next
-    forward (8 such layers at T=16384, H=4096 kept 1.75 GiB alive on the H100)."""
+    """MoE's aux loss rides on its output's graph (moe.aux_loss is a detached value), so
+    no graph outlives the step (a graph stored on the module kept the recomputed input
+    and its gradient alive until the next forward: 1.75 GiB on the H100)."""
     import gc
     import moe_offload
 
@@ -163,16 +163,16 @@ def test_offloaded_checkpoint_of_moe_keeps_nothing_alive_after_backward():
     layers = [moe_offload.MoE(64, 128, 4, 2) for _ in range(3)]
     x = torch.randn(256, 64, requires_grad=True)
     before = live_bytes()
-    for _ in range(2):
+    for _ in range(3):
         h = x
-        with pytest.warns(RuntimeWarning, match="aux_loss is None") if _ == 0 else _nullctx():
-            for layer in layers:
-                h = offloaded_checkpoint(layer, h)
-        assert all(layer.aux_loss is None for layer in layers)   # loud, not silently gradless
+        for layer in layers:
+            h = offloaded_checkpoint(layer, h)
+        assert all(not layer.aux_loss.requires_grad for layer in layers)
         h.sum().backward()
         del h
         x.grad = None
-        assert live_bytes() <= before
+        # Only the three fp32 aux-loss values (for logging) stay between steps.
+        assert live_bytes() <= before + 3 * 4
 
 
 def _nullctx():

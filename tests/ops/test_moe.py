@@ -1,4 +1,6 @@
 """Tests for MoE against a naive per-token loop, the aux loss, and the no-host-sync rule."""
+import gc
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def _params(m):
 @pytest.mark.parametrize("top_k, normalize, activation", [(2, True, "swiglu"), (1, False, "gelu"),
                                                           (3, False, "geglu")])
 def test_matches_naive_loop(dtype, tol, top_k, normalize, activation):
-    m = MoE(12, 8, 5, top_k, activation, normalize_topk=normalize, dtype=dtype)
+    m = MoE(12, 8, 5, top_k, activation, normalize_topk=normalize, dtype=dtype, aux_loss_coef=0)
     x = torch.randn(2, 9, 12, dtype=dtype, requires_grad=True)
     dy = torch.randn(2, 9, 12, dtype=dtype)
     y = m(x)
@@ -52,7 +54,7 @@ def test_matches_naive_loop(dtype, tol, top_k, normalize, activation):
 @pytest.mark.parametrize("coef", [1.0, 0.01])
 def test_aux_loss_formula(coef):
     E, k = 4, 2
-    m = MoE(8, 4, E, k, aux_loss_coef=coef, dtype=torch.float64)
+    m = MoE(8, 4, E, k, aux_loss_coef=coef, dtype=torch.float64, attach_aux_loss=False)
     x = torch.randn(13, 8, dtype=torch.float64)
     m(x)
     probs = torch.softmax(x @ m.router.weight.detach().t(), dim=-1)
@@ -75,10 +77,111 @@ def test_deterministic_and_drop_in():
         x.grad = None
         block.zero_grad()
         y = block(x)
-        (y.square().mean() + block[1].aux_loss).backward()
+        y.square().mean().backward()
         outs.append([y.detach(), x.grad] + [p.grad for p in block.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_aux_loss_is_attached_to_the_output():
+    """Back-propagating through the output alone trains the router as ``loss + aux_loss``
+    would; ``aux_loss`` is a detached value; the output may be modified in place."""
+    torch.manual_seed(0)
+    m = MoE(8, 6, 4, 2, aux_loss_coef=0.3, dtype=torch.float64)
+    manual = MoE(8, 6, 4, 2, aux_loss_coef=0.3, dtype=torch.float64, attach_aux_loss=False)
+    manual.load_state_dict(m.state_dict())
+    x = torch.randn(3, 7, 8, dtype=torch.float64)
+    dy = torch.randn(3, 7, 8, dtype=torch.float64)
+    y = m(x)
+    assert not m.aux_loss.requires_grad
+    got = torch.autograd.grad(y, _params(m), dy)
+    y2 = manual(x)
+    assert manual.aux_loss.requires_grad and torch.equal(manual.aux_loss.detach(), m.aux_loss)
+    ref = torch.autograd.grad((y2 * dy).sum() + manual.aux_loss, _params(manual))
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-13 * b.abs().max()
+    # Without the aux loss the router gradient differs (the attachment does something).
+    no_aux = torch.autograd.grad(manual(x), _params(manual), dy)
+    assert (no_aux[0] - got[0]).abs().max() > 1e-6
+    # The output is an ordinary tensor: in-place ops on it are fine.
+    y = m(x)
+    y.mul_(2).sum().backward()
+    assert m.router.weight.grad is not None
+
+
+def test_aux_loss_coef_zero_attaches_nothing():
+    m = MoE(8, 6, 4, 2, aux_loss_coef=0.0)
+    x = torch.randn(5, 8)
+    m(x).sum().backward()
+    ref = MoE(8, 6, 4, 2, aux_loss_coef=0.0, attach_aux_loss=False)
+    ref.load_state_dict(m.state_dict())
+    ref(x).sum().backward()
+    for a, b in zip(_params(m), _params(ref)):
+        assert torch.equal(a.grad, b.grad)
+    assert m.aux_loss.item() == 0.0
+
+
+def _live_tensor_bytes():
+    gc.collect()
+    seen, n = set(), 0
+    for o in gc.get_objects():
+        if type(o) is torch.Tensor and o.untyped_storage().data_ptr() not in seen:
+            seen.add(o.untyped_storage().data_ptr())
+            n += o.untyped_storage().nbytes()
+    return n
+
+
+_MODES = ["plain", "torch_reentrant", "torch_non_reentrant", "offloaded_checkpoint",
+          "offload", "offload+offloaded_checkpoint"]
+
+
+def _moe_step(layers, x0, mode):
+    from torch.utils.checkpoint import checkpoint
+    from moe_offload.offload import get_cpu_offload_context, offloaded_checkpoint
+    calls = {
+        "torch_reentrant": lambda l, h: checkpoint(l, h, use_reentrant=True),
+        "torch_non_reentrant": lambda l, h: checkpoint(l, h, use_reentrant=False),
+        "offloaded_checkpoint": offloaded_checkpoint,
+        "offload+offloaded_checkpoint": offloaded_checkpoint,
+    }
+    call = calls.get(mode, lambda l, h: l(h))
+    ctx = sync = None
+    if mode.startswith("offload+") or mode == "offload":
+        ctx, sync = get_cpu_offload_context(True, None, len(layers), emulate=True,
+                                            min_offload_bytes=0)
+    for l in layers:
+        l.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    h = x
+    for l in layers:
+        if ctx is None:
+            h = call(l, h)
+        else:
+            with ctx:
+                h = call(l, h)
+            h = sync(h)
+    h.square().mean().backward()      # the task loss only: the aux loss is attached
+    return [x.grad] + [p.grad for l in layers for p in _params(l)]
+
+
+def test_aux_loss_under_checkpoint_and_offload_is_bitwise_and_leaves_no_graph():
+    """Plain training (task loss + attached aux) == every checkpoint mode and offload,
+    bitwise; after each step no graph is left (memory flat, aux_loss detached)."""
+    torch.manual_seed(0)
+    layers = [MoE(16, 12, 4, 2, aux_loss_coef=0.1) for _ in range(3)]
+    x0 = torch.randn(40, 16)
+    ref = _moe_step(layers, x0, "plain")
+    assert all(g is not None for g in ref)
+    base = _live_tensor_bytes()
+    for mode in _MODES:
+        for step in range(2):
+            got = _moe_step(layers, x0, mode)
+            assert all(l.aux_loss.grad_fn is None for l in layers), mode
+            assert all(torch.equal(a, b) for a, b in zip(ref, got)), mode
+            del got
+            for l in layers:
+                l.zero_grad(set_to_none=True)
+        assert _live_tensor_bytes() <= base, mode
 
 
 def test_bad_input():
@@ -167,7 +270,7 @@ def test_cuda_no_host_sync():
         mlp(x, short, p).sum().backward()
         mlp_fc1(x, splits, p).sum().backward()
         y = moe(x.view(4, 25, 64))
-        (y.float().sum() + moe.aux_loss).backward()
+        y.float().sum().backward()      # the aux loss is attached to y
 
     step()                      # warm-up: Triton compile, cuBLAS handles
     torch.cuda.synchronize()
