@@ -90,6 +90,9 @@ class MoE(nn.Module):
         recipe: expert compute recipe (see :class:`GroupedMLP`).
         aux_loss_coef: scale of ``self.aux_loss``.
         recompute: expert recompute mode (see :class:`GroupedMLP`).
+        ep_group: a ``torch.distributed`` process group of ``W`` ranks for expert
+            parallelism: this rank holds the ``E // W`` experts ``self.local_experts``
+            and tokens travel by all-to-all (see :mod:`moe_offload.ops.expert_parallel`).
 
     Modules: ``router`` = ``nn.Linear(H, E, bias=False)``; ``experts`` = ``GroupedMLP``.
 
@@ -111,14 +114,17 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", *, normalize_topk: bool = True,
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
-                 recompute: str = "activation", device=None, dtype=None):
+                 recompute: str = "activation", device=None, dtype=None, ep_group=None):
         super().__init__()
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = GroupedMLP(num_experts, hidden_size, ffn_hidden_size, activation, bias=False,
+        from .expert_parallel import local_expert_range      # (imports this module)
+        self.ep_group = ep_group
+        self.local_experts = local_expert_range(num_experts, ep_group)   # global expert ids here
+        self.experts = GroupedMLP(len(self.local_experts), hidden_size, ffn_hidden_size, activation, bias=False,
                                   recipe=recipe, recompute=recompute, device=device, dtype=dtype)
         self.aux_loss: Optional[torch.Tensor] = None
         self._warned_checkpoint = False
@@ -153,6 +159,9 @@ class MoE(nn.Module):
         elif not is_recomputing():     # keep the forward's value (see the class docstring)
             self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
 
+        if self.ep_group is not None:   # expert parallel: all-to-all dispatch and combine
+            from .expert_parallel import ep_experts_forward
+            return ep_experts_forward(x_TH, p_Tk, e_Tk, self.experts, E, self.ep_group).view(x.shape)
         e_S = e_Tk.reshape(-1)
         order_S = torch.argsort(e_S, stable=True)
         sorted_e_S = e_S.index_select(0, order_S)

@@ -1,0 +1,155 @@
+"""Expert parallelism: token dispatch and combine over ``torch.distributed`` all-to-all.
+
+Shape legend: ``T`` local tokens, ``H`` hidden, ``k`` top-k, ``S = T*k`` local token
+copies ("slots"), ``E`` experts in the model, ``W`` ranks of the expert-parallel group,
+``L = E / W`` experts per rank, ``R`` rows this rank receives (copies from every rank
+routed to one of its ``L`` experts).
+
+Rank ``r`` holds the global experts ``[r*L, (r+1)*L)``.  The router is replicated, so
+each rank routes its own tokens exactly as the single-process ``MoE`` does, then:
+
+1. Sort the ``S`` copies by global expert (stable), so the copies for rank ``q`` form
+   one contiguous block, ordered by expert then by token.  ``counts_E`` (copies per
+   global expert) come from ``searchsorted`` on the device.
+2. ``all_to_all_single`` of ``counts_E`` (``L`` counts to each rank):
+   ``recv_WL[s, l]`` = copies rank ``s`` sends to local expert ``l``.
+3. **The one host sync.**  ``all_to_all_single`` with uneven splits takes the split
+   sizes as host ints, so the per-rank totals of ``counts_E`` and ``recv_WL`` are read
+   back once per forward (:func:`host_split_sizes`, one ``tolist`` of ``2W`` ints).
+   Backward reuses these ints: it never syncs.  Megatron-style capacity (a fixed number
+   of rows per expert, padding or dropping the rest) avoids the read because every split
+   is then a constant; see the README.
+4. ``all_to_all_single`` of the copies and of their router probs (uneven splits).  The
+   received buffer is ordered by source rank, then local expert; a stable sort by local
+   expert regroups it to (local expert, source rank, token) order, deterministically.
+   For one expert this is exactly the order in which the single-process ``MoE`` on the
+   concatenation of all ranks' tokens sees its rows, so expert outputs and expert
+   weight gradients are bitwise those of that run.
+5. ``GroupedMLP`` on the ``L`` local groups (probs applied inside it, as in ``MoE``).
+6. Un-regroup, ``all_to_all_single`` back (splits swapped), un-sort and sum the ``k``
+   copies of each token.
+
+Backward mirrors every step: each all-to-all is an autograd function whose backward is
+the all-to-all with the splits swapped, and every permutation's backward is its inverse
+permutation (gather/scatter with unique indices: no float atomics, deterministic).  The
+all-to-all functions save nothing; what backward needs is what ``GroupedMLP`` saves (its
+regrouped input, fc1 output, probs, offsets) plus int64 orders, so under an offload
+context these buffers are offloaded like any activation.
+
+Every rank must call the layer the same number of times in the same order (the
+collectives pair up across ranks); autograd runs the backward collectives in the
+reverse order of the forward on every rank, as the graphs have the same structure.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .moe import _Permute, _Unpermute
+
+__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_experts_forward"]
+
+
+def local_expert_range(num_experts: int, ep_group) -> range:
+    """Global expert ids held by this rank: ``range(r*E/W, (r+1)*E/W)`` (all with no group).
+
+    Raises ``ValueError`` when ``num_experts`` is not a multiple of the group size, and
+    ``RuntimeError`` when ``torch.distributed`` is not initialized.
+    """
+    if ep_group is None:
+        return range(num_experts)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("MoE(ep_group=...) needs torch.distributed to be initialized "
+                           "(torch.distributed.init_process_group)")
+    world, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    if rank < 0:
+        raise ValueError("MoE(ep_group=...): this process is not a member of ep_group")
+    if num_experts % world != 0:
+        raise ValueError(f"num_experts={num_experts} must be divisible by the ep_group size "
+                         f"{world} (each rank holds num_experts // world experts)")
+    per_rank = num_experts // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def host_split_sizes(send_W: torch.Tensor, recv_W: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """Read the all-to-all split sizes back to the host: **the one host sync** of the
+    expert-parallel forward (a single device-to-host copy of ``2W`` ints)."""
+    both = torch.cat([send_W, recv_W]).tolist()
+    world = send_W.numel()
+    return both[:world], both[world:]
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with host split sizes; backward sends the gradient back
+    along the same routes (splits swapped).  Saves no tensor."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: Sequence[int], in_splits: Sequence[int], group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _exchange(x.contiguous(), out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+               group=None) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` along dim 0: send ``in_splits[q]`` rows of
+    ``x`` to rank ``q``, receive ``out_splits[s]`` rows from rank ``s`` (host ints)."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def _sort_by(ids_N: torch.Tensor, num_groups: int):
+    """Stable order of ``ids_N`` and the int32 group end offsets, on the device."""
+    order_N = torch.argsort(ids_N, stable=True)
+    sorted_N = ids_N.index_select(0, order_N)
+    offs = torch.searchsorted(sorted_N, torch.arange(num_groups, device=ids_N.device,
+                                                     dtype=ids_N.dtype), right=True)
+    return order_N, offs
+
+
+def ep_experts_forward(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tensor, experts,
+                       num_experts: int, group) -> torch.Tensor:
+    """Expert-parallel part of ``MoE.forward``: routed tokens ``x_TH`` with top-k probs
+    ``p_Tk`` and global expert ids ``e_Tk`` -> combined expert output ``(T, H)``.
+
+    ``experts`` is this rank's ``GroupedMLP`` of ``num_experts // W`` experts.
+    """
+    world = dist.get_world_size(group)
+    L, k = num_experts // world, e_Tk.shape[1]
+    # 1. Sort local copies by global expert; counts per expert stay on the device.
+    e_S = e_Tk.reshape(-1)
+    order_S, offs_E = _sort_by(e_S, num_experts)
+    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    # 2. Exchange counts: recv_WL[s, l] = copies rank s sends to my expert l.
+    recv_WL = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_WL, counts_E, group=group)
+    recv_WL = recv_WL.view(world, L)
+    # 3. The one host sync: split sizes for the token all-to-all.
+    send_splits, recv_splits = host_split_sizes(counts_E.view(world, L).sum(1), recv_WL.sum(1))
+    R = sum(recv_splits)
+    # 4. Dispatch copies and their probs; regroup by local expert (stable).
+    xs_SH = _Permute.apply(x_TH, order_S, k)
+    ps_S = p_Tk.reshape(-1).index_select(0, order_S)
+    x_RH = all_to_all(xs_SH, recv_splits, send_splits, group)
+    p_R = all_to_all(ps_S, recv_splits, send_splits, group)
+    local_WL = torch.arange(L, device=x_TH.device).repeat(world)
+    expert_R = torch.repeat_interleave(local_WL, recv_WL.reshape(-1), output_size=R)
+    regroup_R, offs_L = _sort_by(expert_R, L)
+    xg_RH = _Permute.apply(x_RH, regroup_R, 1)
+    pg_R = p_R.index_select(0, regroup_R)
+    # 5. Local experts (every received row belongs to one of them: covered).
+    yg_RH = experts.forward_offsets(xg_RH, offs_L.to(torch.int32), pg_R, covered=True)
+    # 6. Un-regroup, send back, un-sort and combine the k copies.
+    y_RH = _Unpermute.apply(yg_RH, regroup_R, 1)
+    ys_SH = all_to_all(y_RH, send_splits, recv_splits, group)
+    return _Unpermute.apply(ys_SH, order_S, k)

@@ -1,0 +1,127 @@
+"""Expert-parallel ``MoE`` against the single-process ``MoE`` holding every expert.
+
+Each case spawns 2 or 4 gloo ranks on CPU (one thread each); the ``cuda`` variants run
+the same workers with NCCL on one GPU (world size 1).
+
+What "equal" means (float32):
+
+- outputs, input grads and expert weight grads are **bitwise** equal to the
+  single-process ``MoE`` run on the concatenation of all ranks' tokens: each expert sees
+  the same rows in the same order (source rank, then token), see ``expert_parallel.py``;
+- the router is replicated, so its gradient on a rank covers that rank's tokens only;
+  summed over ranks (what data parallelism does) it matches the single-process router
+  gradient to ``1e-6`` relative (a sum of per-rank partial GEMMs instead of one GEMM);
+- the aux loss is per rank (local-batch statistics, Megatron's default): bitwise the
+  single-process ``MoE`` on that rank's tokens, value and router gradient.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_offload.ops import MoE
+
+from ._harness import device_for, spawn
+
+H, F, K = 8, 6, 2
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` where NaNs in the same places count as equal."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def _token_counts(world: int, case: str):
+    if case == "empty_rank":              # the last rank has no tokens at all
+        return [5 + 3 * r for r in range(world - 1)] + [0]
+    return [5 + 3 * r for r in range(world)]
+
+
+def build_pair(world: int, num_experts: int, device, seed: int = 0):
+    """The single-process MoE with every expert and this rank's EP MoE, same weights."""
+    torch.manual_seed(seed)
+    ref = MoE(H, F, num_experts, K, device=device)
+    ep = MoE(H, F, num_experts, K, device=device, ep_group=dist.group.WORLD)
+    with torch.no_grad():
+        ep.router.weight.copy_(ref.router.weight)
+        sl = slice(ep.local_experts.start, ep.local_experts.stop)
+        ep.experts.fc1_weight.copy_(ref.experts.fc1_weight[sl])
+        ep.experts.fc2_weight.copy_(ref.experts.fc2_weight[sl])
+    return ref, ep
+
+
+def _inputs(world: int, case: str, device, ref):
+    counts = _token_counts(world, case)
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(sum(counts), H, generator=gen)
+    g_all = torch.randn(sum(counts), H, generator=gen)
+    if case == "skewed":
+        # Every token picks experts 0 and 1 (both on rank 0): the other experts are empty
+        # and the other ranks receive no tokens.
+        x_all = x_all.abs()
+        with torch.no_grad():
+            ref.router.weight.zero_()
+            ref.router.weight[0] = 1.0
+            ref.router.weight[1] = 0.5
+    return counts, x_all.to(device), g_all.to(device)
+
+
+def equivalence_worker(rank: int, world: int, backend: str, num_experts: int, case: str):
+    device = device_for(backend)
+    ref, ep = build_pair(world, num_experts, device)
+    counts, x_all, g_all = _inputs(world, case, device, ref)
+    with torch.no_grad():
+        ep.router.weight.copy_(ref.router.weight)
+    assert ep.experts.fc1_weight.shape[0] == num_experts // world
+    assert ep.local_experts == range(rank * num_experts // world, (rank + 1) * num_experts // world)
+    start = sum(counts[:rank])
+    mine = slice(start, start + counts[rank])
+
+    # Single process, all experts, concatenated batch.
+    x_ref = x_all.clone().requires_grad_(True)
+    y_ref = ref(x_ref)
+    (y_ref * g_all).sum().backward()
+
+    x = x_all[mine].clone().requires_grad_(True)
+    y = ep(x)
+    (y * g_all[mine]).sum().backward()
+
+    assert torch.equal(y, y_ref[mine]), (rank, (y - y_ref[mine]).abs().max())
+    assert torch.equal(x.grad, x_ref.grad[mine])
+    sl = slice(ep.local_experts.start, ep.local_experts.stop)
+    assert torch.equal(ep.experts.fc1_weight.grad, ref.experts.fc1_weight.grad[sl])
+    assert torch.equal(ep.experts.fc2_weight.grad, ref.experts.fc2_weight.grad[sl])
+    router_sum = ep.router.weight.grad.clone()
+    dist.all_reduce(router_sum, group=dist.group.WORLD)
+    scale = ref.router.weight.grad.abs().max().clamp_min(1e-30)
+    assert ((router_sum - ref.router.weight.grad).abs().max() / scale) <= 1e-6
+
+    # Aux loss: local-batch statistics, equal to the single-process MoE on my tokens.
+    ref.zero_grad()
+    ep.zero_grad()
+    ref(x_all[mine])
+    ep(x_all[mine])
+    assert same_bits(ep.aux_loss, ref.aux_loss)           # no tokens: both NaN (mean of none)
+    ref.aux_loss.backward()
+    ep.aux_loss.backward()
+    assert same_bits(ep.router.weight.grad, ref.router.weight.grad)
+
+
+CASES = ("uneven", "skewed", "empty_rank")
+
+
+def cases_worker(rank: int, world: int, backend: str, num_experts: int, cases):
+    """All cases in one spawn (starting processes dominates the test time)."""
+    for case in cases:
+        equivalence_worker(rank, world, backend, num_experts, case)
+
+
+@pytest.mark.parametrize("world, num_experts", [(2, 4), (4, 8)])
+def test_matches_single_process(tmp_path, world, num_experts):
+    """Uneven routing, empty experts + ranks receiving nothing, a rank with no tokens."""
+    spawn(world, cases_worker, tmp_path, "gloo", num_experts, CASES)
+
+
+@pytest.mark.cuda
+def test_matches_single_process_nccl(tmp_path):
+    spawn(1, cases_worker, tmp_path, "nccl", 4, ("uneven", "skewed"), backend="nccl")
