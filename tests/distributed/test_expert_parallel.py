@@ -14,6 +14,8 @@ What "equal" means (float32):
 - the aux loss is per rank (local-batch statistics, Megatron's default): bitwise the
   single-process ``MoE`` on that rank's tokens, value and router gradient.
 """
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -125,3 +127,141 @@ def test_matches_single_process(tmp_path, world, num_experts):
 @pytest.mark.cuda
 def test_matches_single_process_nccl(tmp_path):
     spawn(1, cases_worker, tmp_path, "nccl", 4, ("uneven", "skewed"), backend="nccl")
+
+
+# ---------------------------------------------------------------------------- host sync
+_HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+_MOE_FILES = ("moe.py", "expert_parallel.py")
+
+
+def _count_host_reads(counter: dict):
+    """Wrap the tensor methods that read device data on the host; count the calls made
+    directly from the MoE files (the CPU grouped-GEMM fallback reads its offsets on the
+    host by design: free on CPU, and not the path taken on CUDA)."""
+    import sys
+    originals = {}
+    for name in _HOST_READS:
+        orig = getattr(torch.Tensor, name)
+        originals[name] = orig
+
+        def wrapper(self, *a, _orig=orig, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(_MOE_FILES):
+                counter["n"] += 1
+            return _orig(self, *a, **kw)
+        setattr(torch.Tensor, name, wrapper)
+    return originals
+
+
+def sync_worker(rank: int, world: int, backend: str):
+    device = device_for(backend)
+    ref, ep = build_pair(world, 4, device)
+    x = torch.randn(7 + rank, H, device=device, requires_grad=True)
+    if backend == "nccl":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as fwd:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            y = ep(x)
+            torch.cuda.set_sync_debug_mode(0)
+        with warnings.catch_warnings(record=True) as bwd:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            y.sum().backward()
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message) for w in fwd if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, syncs
+        assert not [w for w in bwd if "synchroniz" in str(w.message)]
+        return
+    counter = {"n": 0}
+    originals = _count_host_reads(counter)
+    try:
+        y = ep(x)
+        assert counter["n"] == 1, counter       # host_split_sizes: one tolist per forward
+        counter["n"] = 0
+        y.sum().backward()
+        assert counter["n"] == 0, counter       # backward reuses the forward's ints
+        ref(x).sum().backward()
+        assert counter["n"] == 0, counter       # the single-process MoE never reads back
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def test_one_host_sync_per_forward(tmp_path):
+    spawn(2, sync_worker, tmp_path, "gloo")
+
+
+@pytest.mark.cuda
+def test_one_host_sync_per_forward_nccl(tmp_path):
+    spawn(1, sync_worker, tmp_path, "nccl", backend="nccl")
+
+
+# ------------------------------------------------------------------------------- errors
+def indivisible_worker(rank: int, world: int):
+    with pytest.raises(ValueError, match="num_experts=3 must be divisible"):
+        MoE(H, F, 3, 1, ep_group=dist.group.WORLD)
+
+
+def test_num_experts_not_divisible(tmp_path):
+    spawn(2, indivisible_worker, tmp_path)
+
+
+def test_ep_group_needs_initialized_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        MoE(H, F, 4, 1, ep_group=object())
+
+
+def test_no_group_holds_every_expert():
+    m = MoE(H, F, 4, 2)
+    assert m.local_experts == range(4) and m.experts.fc1_weight.shape[0] == 4
+
+
+# ------------------------------------------------------------------------ offload + EP
+def offload_worker(rank: int, world: int, backend: str):
+    from moe_offload import offload_module_list
+    from ._models import Stack
+    device = device_for(backend)
+    emulate = backend != "nccl"
+    for case in ("uneven", "skewed"):
+        torch.manual_seed(0)
+        model = Stack(3, H, F, 2 * world, K, ep_group=dist.group.WORLD, device=device)
+        if case == "skewed":      # every token to experts 0, 1: other ranks receive nothing
+            with torch.no_grad():
+                for blk in model.blocks:
+                    blk.moe.router.weight.zero_()
+                    blk.moe.router.weight[0] = 1.0
+                    blk.moe.router.weight[1] = 0.5
+        torch.manual_seed(1 + rank)
+        x = torch.randn(2, 4 + 3 * rank, H, device=device)
+        if case == "skewed":
+            x = x.abs()
+        params = list(model.parameters())
+
+        def step():
+            y = model(x)
+            loss = (y * y).sum() + model.aux_loss()
+            return [y.detach()] + list(torch.autograd.grad(loss, params))
+
+        plain = step()
+        handle = offload_module_list(model.blocks, num_layers=3, min_offload_bytes=0,
+                                     emulate=emulate)
+        try:
+            moved = step()
+            stats = handle.stats()
+        finally:
+            handle.remove()
+        for a, b in zip(plain, moved):
+            assert torch.equal(a, b), case
+        assert stats["offloaded_tensors"] > 0 and stats["reloaded_bytes"] >= stats["offloaded_bytes"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_offload_under_ep_is_bitwise(tmp_path, world):
+    spawn(world, offload_worker, tmp_path, "gloo")
+
+
+@pytest.mark.cuda
+def test_offload_under_ep_is_bitwise_nccl(tmp_path):
+    spawn(1, offload_worker, tmp_path, "nccl", backend="nccl")
