@@ -36,6 +36,14 @@ all-to-all functions save nothing; what backward needs is what ``GroupedMLP`` sa
 regrouped input, fc1 output, probs, offsets) plus int64 orders, so under an offload
 context these buffers are offloaded like any activation.
 
+**Capacity mode** (``MoE(capacity_factor=c)``, :func:`ep_experts_forward_capacity`): no
+host sync at all.  Each expert takes at most ``C = ceil(c * T * k / E)`` copies from each
+rank (the first ``C`` in token order; the rest are dropped: they add nothing to the
+output and get no gradient); the send buffer is a fixed ``(E, C, H)`` block, zero-padded,
+so every all-to-all split is the constant ``L * C`` and no count is exchanged.  Padded
+rows carry probability 0, so they add exact zeros to outputs and weight gradients.
+Every rank must then pass the same number of tokens ``T`` (equal ``C`` everywhere).
+
 Every rank must call the layer the same number of times in the same order (the
 collectives pair up across ranks); autograd runs the backward collectives in the
 reverse order of the forward on every rank, as the graphs have the same structure.
@@ -44,12 +52,15 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from .moe import _Permute, _Unpermute
 
-__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_experts_forward"]
+__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_experts_forward",
+           "ep_experts_forward_capacity", "expert_capacity"]
 
 
 def local_expert_range(num_experts: int, ep_group) -> range:
@@ -118,12 +129,17 @@ def _sort_by(ids_N: torch.Tensor, num_groups: int):
 
 
 def ep_experts_forward(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tensor, experts,
-                       num_experts: int, group) -> torch.Tensor:
+                       num_experts: int, group, capacity_factor: Optional[float] = None) -> torch.Tensor:
     """Expert-parallel part of ``MoE.forward``: routed tokens ``x_TH`` with top-k probs
     ``p_Tk`` and global expert ids ``e_Tk`` -> combined expert output ``(T, H)``.
 
-    ``experts`` is this rank's ``GroupedMLP`` of ``num_experts // W`` experts.
+    ``experts`` is this rank's ``GroupedMLP`` of ``num_experts // W`` experts.  Dropless
+    (one host sync) unless ``capacity_factor`` is given
+    (:func:`ep_experts_forward_capacity`, no sync).
     """
+    if capacity_factor is not None:
+        return ep_experts_forward_capacity(x_TH, p_Tk, e_Tk, experts, num_experts, group,
+                                           capacity_factor)
     world = dist.get_world_size(group)
     L, k = num_experts // world, e_Tk.shape[1]
     # 1. Sort local copies by global expert; counts per expert stay on the device.
@@ -152,4 +168,76 @@ def ep_experts_forward(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tenso
     # 6. Un-regroup, send back, un-sort and combine the k copies.
     y_RH = _Unpermute.apply(yg_RH, regroup_R, 1)
     ys_SH = all_to_all(y_RH, send_splits, recv_splits, group)
+    return _Unpermute.apply(ys_SH, order_S, k)
+
+
+# ------------------------------------------------------------------------ capacity mode
+class _ScatterRows(torch.autograd.Function):
+    """``out[idx[i]] = x[i]`` into ``n`` zero rows (``idx`` unique); backward gathers."""
+
+    @staticmethod
+    def forward(ctx, x, idx, n: int):
+        ctx.save_for_backward(idx)
+        return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, idx, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return grad.index_select(0, idx), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``buf[idx]`` (``idx`` unique); backward scatters into zeros (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, buf, idx):
+        ctx.save_for_backward(idx)
+        ctx.n = buf.shape[0]
+        return buf.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.n,) + tuple(grad.shape[1:])).index_copy_(0, idx, grad), None
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Copies each expert accepts from one rank: ``ceil(capacity_factor * T * k / E)`` (>= 1)."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def ep_experts_forward_capacity(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tensor, experts,
+                                num_experts: int, group, capacity_factor: float) -> torch.Tensor:
+    """Like :func:`ep_experts_forward` with fixed per-expert capacity: no host sync.
+
+    Shapes: ``C`` capacity, ``B = E*C`` rows of the send buffer (expert-major, so rank
+    ``q``'s experts are one contiguous block of ``L*C`` rows).
+    """
+    world = dist.get_world_size(group)
+    E, L, k = num_experts, num_experts // world, e_Tk.shape[1]
+    S = e_Tk.numel()
+    C = expert_capacity(x_TH.shape[0], k, E, capacity_factor)
+    B = E * C
+    e_S = e_Tk.reshape(-1)
+    order_S, offs_E = _sort_by(e_S, E)
+    sorted_e_S = e_S.index_select(0, order_S)
+    starts_E = offs_E - torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    pos_S = torch.arange(S, device=e_S.device) - starts_E.index_select(0, sorted_e_S)
+    # Kept copies go to row e*C + pos; dropped ones to their own spare row past B (unique
+    # indices, so the scatter is deterministic); spare rows are never sent.
+    spare_S = B + torch.arange(S, device=e_S.device)
+    slot_S = torch.where(pos_S < C, sorted_e_S * C + pos_S, spare_S)
+    xs_SH = _Permute.apply(x_TH, order_S, k)
+    ps_S = p_Tk.reshape(-1).index_select(0, order_S)
+    send_BH = _ScatterRows.apply(xs_SH, slot_S, B + S)[:B]
+    send_B = _ScatterRows.apply(ps_S, slot_S, B + S)[:B]
+    splits = [L * C] * world
+    # Received: (source rank, local expert, C) -> regroup to (local expert, source rank, C).
+    H = x_TH.shape[1]
+    xg = all_to_all(send_BH, splits, splits, group).view(world, L, C, H).transpose(0, 1)
+    pg = all_to_all(send_B, splits, splits, group).view(world, L, C).transpose(0, 1)
+    offs_L = (torch.arange(1, L + 1, device=x_TH.device) * (world * C)).to(torch.int32)
+    yg = experts.forward_offsets(xg.reshape(L * world * C, H), offs_L, pg.reshape(-1), covered=True)
+    y_BH = all_to_all(yg.view(L, world, C, H).transpose(0, 1).reshape(B, H), splits, splits, group)
+    ys_SH = _GatherRows.apply(torch.cat([y_BH, y_BH.new_zeros(S, H)]), slot_S)
     return _Unpermute.apply(ys_SH, order_S, k)

@@ -93,6 +93,8 @@ class MoE(nn.Module):
         ep_group: a ``torch.distributed`` process group of ``W`` ranks for expert
             parallelism: this rank holds the ``E // W`` experts ``self.local_experts``
             and tokens travel by all-to-all (see :mod:`moe_offload.ops.expert_parallel`).
+        capacity_factor: with ``ep_group``, fixed per-expert capacity (drops overflow
+            copies) instead of the dropless dispatch's one host sync per forward.
 
     Modules: ``router`` = ``nn.Linear(H, E, bias=False)``; ``experts`` = ``GroupedMLP``.
 
@@ -114,7 +116,8 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", *, normalize_topk: bool = True,
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
-                 recompute: str = "activation", device=None, dtype=None, ep_group=None):
+                 recompute: str = "activation", device=None, dtype=None, ep_group=None,
+                 capacity_factor: Optional[float] = None):
         super().__init__()
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
@@ -122,7 +125,9 @@ class MoE(nn.Module):
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
         from .expert_parallel import local_expert_range      # (imports this module)
-        self.ep_group = ep_group
+        self.ep_group, self.capacity_factor = ep_group, capacity_factor
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
         self.local_experts = local_expert_range(num_experts, ep_group)   # global expert ids here
         self.experts = GroupedMLP(len(self.local_experts), hidden_size, ffn_hidden_size, activation, bias=False,
                                   recipe=recipe, recompute=recompute, device=device, dtype=dtype)
@@ -161,7 +166,8 @@ class MoE(nn.Module):
 
         if self.ep_group is not None:   # expert parallel: all-to-all dispatch and combine
             from .expert_parallel import ep_experts_forward
-            return ep_experts_forward(x_TH, p_Tk, e_Tk, self.experts, E, self.ep_group).view(x.shape)
+            return ep_experts_forward(x_TH, p_Tk, e_Tk, self.experts, E, self.ep_group,
+                                      self.capacity_factor).view(x.shape)
         e_S = e_Tk.reshape(-1)
         order_S = torch.argsort(e_S, stable=True)
         sorted_e_S = e_S.index_select(0, order_S)

@@ -265,3 +265,93 @@ def test_offload_under_ep_is_bitwise(tmp_path, world):
 @pytest.mark.cuda
 def test_offload_under_ep_is_bitwise_nccl(tmp_path):
     spawn(1, offload_worker, tmp_path, "nccl", backend="nccl")
+
+
+# ------------------------------------------------------------------------ capacity mode
+def _swiglu_mlp(x_H, w1_XH, w2_HF):
+    a, b = (w1_XH @ x_H).chunk(2)
+    return w2_HF @ (torch.nn.functional.silu(a) * b)
+
+
+def capacity_worker(rank: int, world: int, backend: str):
+    """No host read at all; equal to the dropless MoE when nothing is dropped; with drops,
+    equal (float64 reference, 1e-5) to the MoE that skips each expert's copies past ``C``
+    per source rank, in token order."""
+    from moe_offload.ops.expert_parallel import expert_capacity
+    device = device_for(backend)
+    E, T = 2 * world, 6
+    ref, ep = build_pair(world, E, device)
+    sl = slice(ep.local_experts.start, ep.local_experts.stop)
+    gen = torch.Generator().manual_seed(3)
+    x_all = torch.randn(world * T, H, generator=gen).to(device)
+    g_all = torch.randn(world * T, H, generator=gen).to(device)
+    mine = slice(rank * T, (rank + 1) * T)
+    counter = {"n": 0}
+    for factor in (float(E), 0.5):              # C >= T*k: nothing dropped; then drops
+        ep.capacity_factor = factor
+        ep.zero_grad()
+        x = x_all[mine].clone().requires_grad_(True)
+        originals = _count_host_reads(counter) if backend != "nccl" else {}
+        try:
+            y = ep(x)
+            (y * g_all[mine]).sum().backward()
+        finally:
+            for name, orig in originals.items():
+                setattr(torch.Tensor, name, orig)
+        assert counter["n"] == 0, counter
+        C = expert_capacity(T, K, E, factor)
+        if factor >= E:                          # no drop: the single-process dropless MoE
+            ref.zero_grad()
+            x_ref = x_all.clone().requires_grad_(True)
+            (ref(x_ref) * g_all).sum().backward()
+            pairs = [(y, ref(x_all)[mine]), (x.grad, x_ref.grad[mine]),
+                     (ep.experts.fc1_weight.grad, ref.experts.fc1_weight.grad[sl]),
+                     (ep.experts.fc2_weight.grad, ref.experts.fc2_weight.grad[sl])]
+            tol = 1e-6
+        else:                                    # float64 loop over the kept copies
+            w1 = ref.experts.fc1_weight.detach().double().requires_grad_(True)
+            w2 = ref.experts.fc2_weight.detach().double().requires_grad_(True)
+            loss, y_mine, dropped = 0.0, None, 0
+            for r in range(world):
+                xr = x_all[r * T:(r + 1) * T]
+                with torch.no_grad():
+                    _, p_Tk, e_Tk = ref.route(xr)
+                seen = [0] * E
+                rows = []
+                for t in range(T):
+                    acc = torch.zeros(H, dtype=torch.float64, device=device)
+                    for j in range(K):
+                        e = int(e_Tk[t, j])
+                        if seen[e] < C:
+                            acc = acc + float(p_Tk[t, j]) * _swiglu_mlp(xr[t].double(), w1[e], w2[e])
+                        else:
+                            dropped += 1
+                        seen[e] += 1
+                    rows.append(acc)
+                yr = torch.stack(rows)
+                loss = loss + (yr * g_all[r * T:(r + 1) * T].double()).sum()
+                if r == rank:
+                    y_mine = yr.detach()
+            assert dropped > 0
+            loss.backward()
+            pairs = [(y, y_mine), (ep.experts.fc1_weight.grad, w1.grad[sl]),
+                     (ep.experts.fc2_weight.grad, w2.grad[sl])]
+            tol = 1e-5
+        for a, b in pairs:
+            scale = b.abs().max().clamp_min(1e-30)
+            assert ((a.double() - b.double()).abs().max() / scale) <= tol, (factor, a, b)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_capacity_mode_needs_no_sync(tmp_path, world):
+    spawn(world, capacity_worker, tmp_path, "gloo")
+
+
+@pytest.mark.cuda
+def test_capacity_mode_needs_no_sync_nccl(tmp_path):
+    spawn(1, capacity_worker, tmp_path, "nccl", backend="nccl")
+
+
+def test_capacity_factor_must_be_positive():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoE(H, F, 4, 1, capacity_factor=0.0)
