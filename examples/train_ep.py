@@ -34,12 +34,14 @@ from moe_offload import MoE, offload_module_list
 class Block(nn.Module):
     """Pre-norm causal self-attention + MoE block."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, experts: int, top_k: int, ep_group, device):
+    def __init__(self, hidden: int, heads: int, ffn: int, experts: int, top_k: int, ep_group, device,
+                 capacity_factor=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, device=device)
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True, device=device)
         self.norm2 = nn.LayerNorm(hidden, device=device)
-        self.moe = MoE(hidden, ffn, experts, top_k, ep_group=ep_group, device=device)
+        self.moe = MoE(hidden, ffn, experts, top_k, ep_group=ep_group, device=device,
+                       capacity_factor=capacity_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         S = x.shape[1]
@@ -53,11 +55,11 @@ class TinyMoELM(nn.Module):
     """Token embedding, ``layers`` blocks, final norm and LM head."""
 
     def __init__(self, vocab: int, hidden: int, heads: int, ffn: int, experts: int, top_k: int,
-                 layers: int, ep_group, device):
+                 layers: int, ep_group, device, capacity_factor=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden, device=device)
-        self.blocks = nn.ModuleList(Block(hidden, heads, ffn, experts, top_k, ep_group, device)
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, ffn, experts, top_k, ep_group, device,
+                                          capacity_factor) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden, device=device)
         self.head = nn.Linear(hidden, vocab, bias=False, device=device)
 
@@ -88,6 +90,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-offload", action="store_true", help="train without activation offload")
+    p.add_argument("--min-offload-bytes", type=int, default=0,
+                   help="smaller saved tensors stay on the device (0: offload everything, "
+                        "so that this tiny model moves something; 256 KiB suits real sizes)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="fixed per-expert capacity (no host sync; drops overflow copies)")
     return p.parse_args(argv)
 
 
@@ -113,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> List[float]:
               if dist.get_backend() == "nccl" else torch.device("cpu"))
     torch.manual_seed(0)                  # the same dense weights on every rank ...
     model = TinyMoELM(args.vocab, args.hidden, args.heads, args.ffn, args.experts, args.top_k,
-                      args.layers, dist.group.WORLD, device)
+                      args.layers, dist.group.WORLD, device, args.capacity_factor)
     experts = model.expert_parameters()
     with torch.no_grad():                 # ... and each rank its own experts
         gen = torch.Generator(device="cpu").manual_seed(1000 + rank)
@@ -127,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> List[float]:
     if not args.no_offload:
         handle = offload_module_list(model.blocks, num_layers=args.layers - 1,
                                      emulate=device.type != "cuda",
-                                     min_offload_bytes=0 if device.type != "cuda" else 256 * 1024)
+                                     min_offload_bytes=args.min_offload_bytes)
     gen = torch.Generator(device="cpu").manual_seed(rank)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
     losses = []

@@ -292,10 +292,14 @@ def capacity_worker(rank: int, world: int, backend: str):
         ep.zero_grad()
         x = x_all[mine].clone().requires_grad_(True)
         originals = _count_host_reads(counter) if backend != "nccl" else {}
+        if backend == "nccl":
+            torch.cuda.set_sync_debug_mode("error")     # any sync raises
         try:
             y = ep(x)
             (y * g_all[mine]).sum().backward()
         finally:
+            if backend == "nccl":
+                torch.cuda.set_sync_debug_mode(0)
             for name, orig in originals.items():
                 setattr(torch.Tensor, name, orig)
         assert counter["n"] == 0, counter

@@ -3,6 +3,8 @@ changes nothing: the losses are bitwise those of the same run with ``--no-offloa
 import importlib.util
 import pathlib
 
+import pytest
+
 import torch._dynamo  # noqa: F401  (FSDP2 imports it lazily: once here, not in every forked rank)
 
 from ._harness import spawn
@@ -21,7 +23,14 @@ def example_worker(rank: int, world: int):
     without = train_ep.main(TINY + ["--no-offload"])
     assert with_offload == without, (with_offload, without)
     assert with_offload[-1] < with_offload[0], with_offload
+    capacity = train_ep.main(TINY + ["--capacity-factor", "2"])
+    assert capacity[-1] < capacity[0], capacity
 
 
 def test_example_trains_on_two_ranks(tmp_path):
     spawn(2, example_worker, tmp_path)
+
+
+@pytest.mark.cuda
+def test_example_trains_on_one_gpu_nccl(tmp_path):
+    spawn(1, example_worker, tmp_path, backend="nccl")
