@@ -4,7 +4,6 @@ import importlib.util
 import pathlib
 
 import pytest
-
 import torch._dynamo  # noqa: F401  (FSDP2 imports it lazily: once here, not in every forked rank)
 
 from ._harness import spawn
