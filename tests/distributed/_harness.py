@@ -6,6 +6,7 @@ group down.  A worker's exception fails the test with its traceback.
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -18,7 +19,9 @@ def _entry(rank: int, world: int, store_path: str, backend: str, fn, args) -> No
     if backend == "nccl":
         torch.cuda.set_device(rank)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    # A collective that never pairs up fails after a minute instead of hanging CI.
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:
