@@ -50,9 +50,8 @@ reverse order of the forward on every rank, as the graphs have the same structur
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
-
 import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

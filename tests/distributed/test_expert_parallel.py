@@ -359,3 +359,10 @@ def test_capacity_mode_needs_no_sync_nccl(tmp_path):
 def test_capacity_factor_must_be_positive():
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(H, F, 4, 1, capacity_factor=0.0)
+
+
+def test_expert_capacity():
+    from moe_offload.ops.expert_parallel import expert_capacity
+    assert expert_capacity(6, 2, 4, 1.0) == 3            # 12 copies over 4 experts
+    assert expert_capacity(6, 2, 4, 1.25) == 4           # ceil(3.75)
+    assert expert_capacity(0, 2, 4, 1.0) == 1            # never 0 rows
