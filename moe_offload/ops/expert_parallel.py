@@ -6,11 +6,13 @@ copies ("slots"), ``E`` experts in the model, ``W`` ranks of the expert-parallel
 routed to one of its ``L`` experts).
 
 Rank ``r`` holds the global experts ``[r*L, (r+1)*L)``.  The router is replicated, so
-each rank routes its own tokens exactly as the single-process ``MoE`` does, then:
+each rank routes its own tokens and sorts their copies by global expert exactly as the
+single-process ``MoE`` does (stable: expert, then token); ``MoE`` then calls
+:func:`ep_expert_outputs` where it would call its ``GroupedMLP``, and combines the
+returned outputs as usual.  In between:
 
-1. Sort the ``S`` copies by global expert (stable), so the copies for rank ``q`` form
-   one contiguous block, ordered by expert then by token.  ``counts_E`` (copies per
-   global expert) come from ``searchsorted`` on the device.
+1. The copies for rank ``q`` form one contiguous block.  ``counts_E`` (copies per
+   global expert) come from the end offsets ``offs_E``, on the device.
 2. ``all_to_all_single`` of ``counts_E`` (``L`` counts to each rank):
    ``recv_WL[s, l]`` = copies rank ``s`` sends to local expert ``l``.
 3. **The one host sync.**  ``all_to_all_single`` with uneven splits takes the split
@@ -18,7 +20,7 @@ each rank routes its own tokens exactly as the single-process ``MoE`` does, then
    back once per forward (:func:`host_split_sizes`, one ``tolist`` of ``2W`` ints).
    Backward reuses these ints: it never syncs.  Megatron-style capacity (a fixed number
    of rows per expert, padding or dropping the rest) avoids the read because every split
-   is then a constant; see the README.
+   is then a constant (below, and the README).
 4. ``all_to_all_single`` of the copies and of their router probs (uneven splits).  The
    received buffer is ordered by source rank, then local expert; a stable sort by local
    expert regroups it to (local expert, source rank, token) order, deterministically.
@@ -26,17 +28,17 @@ each rank routes its own tokens exactly as the single-process ``MoE`` does, then
    concatenation of all ranks' tokens sees its rows, so expert outputs and expert
    weight gradients are bitwise those of that run.
 5. ``GroupedMLP`` on the ``L`` local groups (probs applied inside it, as in ``MoE``).
-6. Un-regroup, ``all_to_all_single`` back (splits swapped), un-sort and sum the ``k``
-   copies of each token.
+6. Un-regroup and ``all_to_all_single`` back (splits swapped): the outputs arrive in
+   the sorted order the copies left in.
 
 Backward mirrors every step: each all-to-all is an autograd function whose backward is
 the all-to-all with the splits swapped, and every permutation's backward is its inverse
 permutation (gather/scatter with unique indices: no float atomics, deterministic).  The
 all-to-all functions save nothing; what backward needs is what ``GroupedMLP`` saves (its
-regrouped input, fc1 output, probs, offsets) plus int64 orders, so under an offload
+regrouped input, fc1 output, probs, offsets) plus an int64 order, so under an offload
 context these buffers are offloaded like any activation.
 
-**Capacity mode** (``MoE(capacity_factor=c)``, :func:`ep_experts_forward_capacity`): no
+**Capacity mode** (``MoE(capacity_factor=c)``, :func:`ep_expert_outputs_capacity`): no
 host sync at all.  Each expert takes at most ``C = ceil(c * T * k / E)`` copies from each
 rank (the first ``C`` in token order; the rest are dropped: they add nothing to the
 output and get no gradient); the send buffer is a fixed ``(E, C, H)`` block, zero-padded,
@@ -58,8 +60,8 @@ import torch.distributed as dist
 
 from .moe import _Permute, _Unpermute
 
-__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_experts_forward",
-           "ep_experts_forward_capacity", "expert_capacity"]
+__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_expert_outputs",
+           "ep_expert_outputs_capacity", "expert_capacity"]
 
 
 def local_expert_range(num_experts: int, ep_group) -> range:
@@ -118,34 +120,28 @@ def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[i
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def _sort_by(ids_N: torch.Tensor, num_groups: int):
-    """Stable order of ``ids_N`` and the int32 group end offsets, on the device."""
-    order_N = torch.argsort(ids_N, stable=True)
-    sorted_N = ids_N.index_select(0, order_N)
-    offs = torch.searchsorted(sorted_N, torch.arange(num_groups, device=ids_N.device,
-                                                     dtype=ids_N.dtype), right=True)
-    return order_N, offs
+def _counts(offs_N: torch.Tensor) -> torch.Tensor:
+    """Group sizes (int64) from int end offsets, on the device."""
+    offs_N = offs_N.long()
+    return torch.diff(offs_N, prepend=offs_N.new_zeros(1))
 
 
-def ep_experts_forward(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tensor, experts,
-                       num_experts: int, group, capacity_factor: Optional[float] = None) -> torch.Tensor:
-    """Expert-parallel part of ``MoE.forward``: routed tokens ``x_TH`` with top-k probs
-    ``p_Tk`` and global expert ids ``e_Tk`` -> combined expert output ``(T, H)``.
+def ep_expert_outputs(xs_SH: torch.Tensor, ps_S: torch.Tensor, offs_E: torch.Tensor, experts,
+                      group, capacity_factor: Optional[float] = None) -> torch.Tensor:
+    """Expert outputs of the copies ``xs_SH`` -> ``(S, H)``, the same order.
 
-    ``experts`` is this rank's ``GroupedMLP`` of ``num_experts // W`` experts.  Dropless
-    (one host sync) unless ``capacity_factor`` is given
-    (:func:`ep_experts_forward_capacity`, no sync).
+    ``xs_SH``: this rank's token copies sorted by global expert (stable), ``ps_S`` their
+    router probs, ``offs_E`` the int end offsets of the ``E`` global experts (exactly what
+    ``MoE`` hands its ``GroupedMLP``).  ``experts`` is this rank's ``GroupedMLP`` of
+    ``E // W`` experts.  Dropless (one host sync) unless ``capacity_factor`` is given
+    (:func:`ep_expert_outputs_capacity`, no sync).
     """
     if capacity_factor is not None:
-        return ep_experts_forward_capacity(x_TH, p_Tk, e_Tk, experts, num_experts, group,
-                                           capacity_factor)
+        return ep_expert_outputs_capacity(xs_SH, ps_S, offs_E, experts, group, capacity_factor)
     world = dist.get_world_size(group)
-    L, k = num_experts // world, e_Tk.shape[1]
-    # 1. Sort local copies by global expert; counts per expert stay on the device.
-    e_S = e_Tk.reshape(-1)
-    order_S, offs_E = _sort_by(e_S, num_experts)
-    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    # 2. Exchange counts: recv_WL[s, l] = copies rank s sends to my expert l.
+    L = offs_E.numel() // world
+    # 1.-2. Counts per global expert; recv_WL[s, l] = copies rank s sends to my expert l.
+    counts_E = _counts(offs_E)
     recv_WL = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_WL, counts_E, group=group)
     recv_WL = recv_WL.view(world, L)
@@ -153,21 +149,19 @@ def ep_experts_forward(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tenso
     send_splits, recv_splits = host_split_sizes(counts_E.view(world, L).sum(1), recv_WL.sum(1))
     R = sum(recv_splits)
     # 4. Dispatch copies and their probs; regroup by local expert (stable).
-    xs_SH = _Permute.apply(x_TH, order_S, k)
-    ps_S = p_Tk.reshape(-1).index_select(0, order_S)
     x_RH = all_to_all(xs_SH, recv_splits, send_splits, group)
     p_R = all_to_all(ps_S, recv_splits, send_splits, group)
-    local_WL = torch.arange(L, device=x_TH.device).repeat(world)
+    local_WL = torch.arange(L, device=xs_SH.device).repeat(world)
     expert_R = torch.repeat_interleave(local_WL, recv_WL.reshape(-1), output_size=R)
-    regroup_R, offs_L = _sort_by(expert_R, L)
+    regroup_R = torch.argsort(expert_R, stable=True)
+    offs_L = torch.cumsum(recv_WL.sum(0), 0).to(torch.int32)
     xg_RH = _Permute.apply(x_RH, regroup_R, 1)
     pg_R = p_R.index_select(0, regroup_R)
     # 5. Local experts (every received row belongs to one of them: covered).
-    yg_RH = experts.forward_offsets(xg_RH, offs_L.to(torch.int32), pg_R, covered=True)
-    # 6. Un-regroup, send back, un-sort and combine the k copies.
+    yg_RH = experts.forward_offsets(xg_RH, offs_L, pg_R, covered=True)
+    # 6. Un-regroup and send back.
     y_RH = _Unpermute.apply(yg_RH, regroup_R, 1)
-    ys_SH = all_to_all(y_RH, send_splits, recv_splits, group)
-    return _Unpermute.apply(ys_SH, order_S, k)
+    return all_to_all(y_RH, send_splits, recv_splits, group)
 
 
 # ------------------------------------------------------------------------ capacity mode
@@ -200,43 +194,38 @@ class _GatherRows(torch.autograd.Function):
         return grad.new_zeros((ctx.n,) + tuple(grad.shape[1:])).index_copy_(0, idx, grad), None
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Copies each expert accepts from one rank: ``ceil(capacity_factor * T * k / E)`` (>= 1)."""
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+def expert_capacity(num_copies: int, num_experts: int, capacity_factor: float) -> int:
+    """Copies each expert accepts from one rank: ``ceil(capacity_factor * S / E)`` (>= 1),
+    ``S = T * k`` the rank's token copies."""
+    return max(1, math.ceil(capacity_factor * num_copies / num_experts))
 
 
-def ep_experts_forward_capacity(x_TH: torch.Tensor, p_Tk: torch.Tensor, e_Tk: torch.Tensor, experts,
-                                num_experts: int, group, capacity_factor: float) -> torch.Tensor:
-    """Like :func:`ep_experts_forward` with fixed per-expert capacity: no host sync.
+def ep_expert_outputs_capacity(xs_SH: torch.Tensor, ps_S: torch.Tensor, offs_E: torch.Tensor,
+                               experts, group, capacity_factor: float) -> torch.Tensor:
+    """Like :func:`ep_expert_outputs` with fixed per-expert capacity: no host sync;
+    dropped copies get a zero output.
 
     Shapes: ``C`` capacity, ``B = E*C`` rows of the send buffer (expert-major, so rank
     ``q``'s experts are one contiguous block of ``L*C`` rows).
     """
     world = dist.get_world_size(group)
-    E, L, k = num_experts, num_experts // world, e_Tk.shape[1]
-    S = e_Tk.numel()
-    C = expert_capacity(x_TH.shape[0], k, E, capacity_factor)
+    (S, H), E = xs_SH.shape, offs_E.numel()
+    L, C = E // world, expert_capacity(S, E, capacity_factor)
     B = E * C
-    e_S = e_Tk.reshape(-1)
-    order_S, offs_E = _sort_by(e_S, E)
-    sorted_e_S = e_S.index_select(0, order_S)
-    starts_E = offs_E - torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    pos_S = torch.arange(S, device=e_S.device) - starts_E.index_select(0, sorted_e_S)
+    offs_E = offs_E.long()
+    rows_S = torch.arange(S, device=xs_SH.device)
+    sorted_e_S = torch.searchsorted(offs_E, rows_S, right=True)     # expert of each copy
+    pos_S = rows_S - (offs_E - _counts(offs_E)).index_select(0, sorted_e_S)
     # Kept copies go to row e*C + pos; dropped ones to their own spare row past B (unique
     # indices, so the scatter is deterministic); spare rows are never sent.
-    spare_S = B + torch.arange(S, device=e_S.device)
-    slot_S = torch.where(pos_S < C, sorted_e_S * C + pos_S, spare_S)
-    xs_SH = _Permute.apply(x_TH, order_S, k)
-    ps_S = p_Tk.reshape(-1).index_select(0, order_S)
+    slot_S = torch.where(pos_S < C, sorted_e_S * C + pos_S, B + rows_S)
     send_BH = _ScatterRows.apply(xs_SH, slot_S, B + S)[:B]
     send_B = _ScatterRows.apply(ps_S, slot_S, B + S)[:B]
     splits = [L * C] * world
     # Received: (source rank, local expert, C) -> regroup to (local expert, source rank, C).
-    H = x_TH.shape[1]
     xg = all_to_all(send_BH, splits, splits, group).view(world, L, C, H).transpose(0, 1)
     pg = all_to_all(send_B, splits, splits, group).view(world, L, C).transpose(0, 1)
-    offs_L = (torch.arange(1, L + 1, device=x_TH.device) * (world * C)).to(torch.int32)
+    offs_L = (torch.arange(1, L + 1, device=xs_SH.device) * (world * C)).to(torch.int32)
     yg = experts.forward_offsets(xg.reshape(L * world * C, H), offs_L, pg.reshape(-1), covered=True)
     y_BH = all_to_all(yg.view(L, world, C, H).transpose(0, 1).reshape(B, H), splits, splits, group)
-    ys_SH = _GatherRows.apply(torch.cat([y_BH, y_BH.new_zeros(S, H)]), slot_S)
-    return _Unpermute.apply(ys_SH, order_S, k)
+    return _GatherRows.apply(torch.cat([y_BH, y_BH.new_zeros(S, H)]), slot_S)

@@ -164,10 +164,6 @@ class MoE(nn.Module):
         elif not is_recomputing():     # keep the forward's value (see the class docstring)
             self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, e_Tk, E)
 
-        if self.ep_group is not None:   # expert parallel: all-to-all dispatch and combine
-            from .expert_parallel import ep_experts_forward
-            return ep_experts_forward(x_TH, p_Tk, e_Tk, self.experts, E, self.ep_group,
-                                      self.capacity_factor).view(x.shape)
         e_S = e_Tk.reshape(-1)
         order_S = torch.argsort(e_S, stable=True)
         sorted_e_S = e_S.index_select(0, order_S)
@@ -175,5 +171,10 @@ class MoE(nn.Module):
                                     right=True).to(torch.int32)
         xs_SH = _Permute.apply(x_TH, order_S, k)
         ps_S = p_Tk.reshape(-1).index_select(0, order_S)
-        ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
+        if self.ep_group is None:
+            ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
+        else:     # expert parallel: to the experts' ranks and back by all-to-all
+            from .expert_parallel import ep_expert_outputs
+            ys_SH = ep_expert_outputs(xs_SH, ps_S, offs_E, self.experts, self.ep_group,
+                                      self.capacity_factor)
         return _Unpermute.apply(ys_SH, order_S, k).view(x.shape)

@@ -40,10 +40,14 @@ def _token_counts(world: int, case: str):
 
 
 def build_pair(world: int, num_experts: int, device, seed: int = 0):
-    """The single-process MoE with every expert and this rank's EP MoE, same weights."""
+    """The single-process MoE with every expert and this rank's EP MoE, same weights.
+
+    ``aux_loss_coef=0``: the aux loss is per rank (see the module docstring), so the
+    output/grad comparisons leave it out, whether it is read from ``moe.aux_loss`` or
+    attached to the output; :func:`_check_aux_loss` compares it on its own."""
     torch.manual_seed(seed)
-    ref = MoE(H, F, num_experts, K, device=device)
-    ep = MoE(H, F, num_experts, K, device=device, ep_group=dist.group.WORLD)
+    ref = MoE(H, F, num_experts, K, device=device, aux_loss_coef=0.0)
+    ep = MoE(H, F, num_experts, K, device=device, ep_group=dist.group.WORLD, aux_loss_coef=0.0)
     with torch.no_grad():
         ep.router.weight.copy_(ref.router.weight)
         sl = slice(ep.local_experts.start, ep.local_experts.stop)
@@ -98,15 +102,29 @@ def equivalence_worker(rank: int, world: int, backend: str, num_experts: int, ca
     scale = ref.router.weight.grad.abs().max().clamp_min(1e-30)
     assert ((router_sum - ref.router.weight.grad).abs().max() / scale) <= 1e-6
 
-    # Aux loss: local-batch statistics, equal to the single-process MoE on my tokens.
-    ref.zero_grad()
-    ep.zero_grad()
-    ref(x_all[mine])
-    ep(x_all[mine])
-    assert same_bits(ep.aux_loss, ref.aux_loss)           # no tokens: both NaN (mean of none)
-    ref.aux_loss.backward()
-    ep.aux_loss.backward()
-    assert same_bits(ep.router.weight.grad, ref.router.weight.grad)
+    _check_aux_loss(ref, ep, x_all[mine])
+
+
+def _check_aux_loss(ref, ep, x_mine):
+    """Aux loss: local-batch statistics, bitwise the single-process MoE on my tokens, in
+    value and in the router gradient it sends.  Works whether ``moe.aux_loss`` carries
+    its graph (to be added to the loss) or the loss is attached to the output (then
+    ``moe.aux_loss`` is a detached value and back-propagating the output trains it)."""
+    grads = []
+    for m in (ref, ep):
+        m.zero_grad()
+        m.aux_loss_coef = 1e-2
+        y = m(x_mine)
+        loss = (y * 0).sum()
+        if m.aux_loss.requires_grad:
+            loss = loss + m.aux_loss
+        loss.backward()
+        m.aux_loss_coef = 0.0
+        grads.append((m.aux_loss.detach(), m.router.weight.grad.clone()))
+    (aux_ref, g_ref), (aux_ep, g_ep) = grads
+    assert same_bits(aux_ep, aux_ref)                  # no tokens: NaN or 0 on both
+    assert same_bits(g_ep, g_ref)
+    assert g_ref.abs().sum() > 0 or x_mine.shape[0] == 0
 
 
 CASES = ("uneven", "skewed", "empty_rank")
@@ -355,7 +373,7 @@ def capacity_worker(rank: int, world: int, backend: str):
             for name, orig in originals.items():
                 setattr(torch.Tensor, name, orig)
         assert counter["n"] == 0, counter
-        C = expert_capacity(T, K, E, factor)
+        C = expert_capacity(T * K, E, factor)
         if factor >= E:                          # no drop: the single-process dropless MoE
             ref.zero_grad()
             x_ref = x_all.clone().requires_grad_(True)
@@ -415,6 +433,6 @@ def test_capacity_factor_must_be_positive():
 
 def test_expert_capacity():
     from moe_offload.ops.expert_parallel import expert_capacity
-    assert expert_capacity(6, 2, 4, 1.0) == 3            # 12 copies over 4 experts
-    assert expert_capacity(6, 2, 4, 1.25) == 4           # ceil(3.75)
-    assert expert_capacity(0, 2, 4, 1.0) == 1            # never 0 rows
+    assert expert_capacity(12, 4, 1.0) == 3              # 12 copies over 4 experts
+    assert expert_capacity(12, 4, 1.25) == 4             # ceil(3.75)
+    assert expert_capacity(0, 4, 1.0) == 1               # never 0 rows
