@@ -7,9 +7,11 @@ routed to one of its ``L`` experts).
 
 Rank ``r`` holds the global experts ``[r*L, (r+1)*L)``.  The router is replicated, so
 each rank routes its own tokens and sorts their copies by global expert exactly as the
-single-process ``MoE`` does (stable: expert, then token); ``MoE`` then calls
-:func:`ep_expert_outputs` where it would call its ``GroupedMLP``, and combines the
-returned outputs as usual.  In between:
+single-process ``MoE`` does (stable: expert, then token).  ``MoE(ep_group=...)``'s
+``experts`` is an :class:`ExpertParallelMLP`: a ``GroupedMLP`` holding this rank's
+``L`` experts whose ``forward_offsets`` takes the sorted copies for all ``E`` global
+experts and returns their outputs in the same order (:func:`ep_expert_outputs`), so
+``MoE`` combines them as usual.  In between:
 
 1. The copies for rank ``q`` form one contiguous block.  ``counts_E`` (copies per
    global expert) come from the end offsets ``offs_E``, on the device.
@@ -58,10 +60,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .moe import _Permute, _Unpermute
+from ._grouped_gemm import split_sizes_to_offsets
+from .grouped_linear import check_grouped_input
+from .grouped_mlp import GroupedMLP
 
-__all__ = ["local_expert_range", "host_split_sizes", "all_to_all", "ep_expert_outputs",
-           "ep_expert_outputs_capacity", "expert_capacity"]
+__all__ = ["ExpertParallelMLP", "make_experts", "local_expert_range", "host_split_sizes",
+           "all_to_all", "ep_expert_outputs", "ep_expert_outputs_capacity", "expert_capacity"]
 
 
 def local_expert_range(num_experts: int, ep_group) -> range:
@@ -120,51 +124,6 @@ def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[i
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def _counts(offs_N: torch.Tensor) -> torch.Tensor:
-    """Group sizes (int64) from int end offsets, on the device."""
-    offs_N = offs_N.long()
-    return torch.diff(offs_N, prepend=offs_N.new_zeros(1))
-
-
-def ep_expert_outputs(xs_SH: torch.Tensor, ps_S: torch.Tensor, offs_E: torch.Tensor, experts,
-                      group, capacity_factor: Optional[float] = None) -> torch.Tensor:
-    """Expert outputs of the copies ``xs_SH`` -> ``(S, H)``, the same order.
-
-    ``xs_SH``: this rank's token copies sorted by global expert (stable), ``ps_S`` their
-    router probs, ``offs_E`` the int end offsets of the ``E`` global experts (exactly what
-    ``MoE`` hands its ``GroupedMLP``).  ``experts`` is this rank's ``GroupedMLP`` of
-    ``E // W`` experts.  Dropless (one host sync) unless ``capacity_factor`` is given
-    (:func:`ep_expert_outputs_capacity`, no sync).
-    """
-    if capacity_factor is not None:
-        return ep_expert_outputs_capacity(xs_SH, ps_S, offs_E, experts, group, capacity_factor)
-    world = dist.get_world_size(group)
-    L = offs_E.numel() // world
-    # 1.-2. Counts per global expert; recv_WL[s, l] = copies rank s sends to my expert l.
-    counts_E = _counts(offs_E)
-    recv_WL = torch.empty_like(counts_E)
-    dist.all_to_all_single(recv_WL, counts_E, group=group)
-    recv_WL = recv_WL.view(world, L)
-    # 3. The one host sync: split sizes for the token all-to-all.
-    send_splits, recv_splits = host_split_sizes(counts_E.view(world, L).sum(1), recv_WL.sum(1))
-    R = sum(recv_splits)
-    # 4. Dispatch copies and their probs; regroup by local expert (stable).
-    x_RH = all_to_all(xs_SH, recv_splits, send_splits, group)
-    p_R = all_to_all(ps_S, recv_splits, send_splits, group)
-    local_WL = torch.arange(L, device=xs_SH.device).repeat(world)
-    expert_R = torch.repeat_interleave(local_WL, recv_WL.reshape(-1), output_size=R)
-    regroup_R = torch.argsort(expert_R, stable=True)
-    offs_L = torch.cumsum(recv_WL.sum(0), 0).to(torch.int32)
-    xg_RH = _Permute.apply(x_RH, regroup_R, 1)
-    pg_R = p_R.index_select(0, regroup_R)
-    # 5. Local experts (every received row belongs to one of them: covered).
-    yg_RH = experts.forward_offsets(xg_RH, offs_L, pg_R, covered=True)
-    # 6. Un-regroup and send back.
-    y_RH = _Unpermute.apply(yg_RH, regroup_R, 1)
-    return all_to_all(y_RH, send_splits, recv_splits, group)
-
-
-# ------------------------------------------------------------------------ capacity mode
 class _ScatterRows(torch.autograd.Function):
     """``out[idx[i]] = x[i]`` into ``n`` zero rows (``idx`` unique); backward gathers."""
 
@@ -194,6 +153,51 @@ class _GatherRows(torch.autograd.Function):
         return grad.new_zeros((ctx.n,) + tuple(grad.shape[1:])).index_copy_(0, idx, grad), None
 
 
+def _counts(offs_N: torch.Tensor) -> torch.Tensor:
+    """Group sizes (int64) from int end offsets, on the device."""
+    offs_N = offs_N.long()
+    return torch.diff(offs_N, prepend=offs_N.new_zeros(1))
+
+
+def ep_expert_outputs(xs_SH: torch.Tensor, ps_S: torch.Tensor, offs_E: torch.Tensor, experts,
+                      group, capacity_factor: Optional[float] = None) -> torch.Tensor:
+    """Expert outputs of the copies ``xs_SH`` -> ``(S, H)``, the same order.
+
+    ``xs_SH``: this rank's token copies sorted by global expert (stable), ``ps_S`` their
+    router probs (or None), ``offs_E`` the int end offsets of the ``E`` global experts
+    (exactly what ``MoE`` hands its experts).  ``experts`` is this rank's
+    ``GroupedMLP`` of ``E // W`` experts (its own ``forward_offsets`` runs them).  Dropless (one host sync) unless ``capacity_factor`` is given
+    (:func:`ep_expert_outputs_capacity`, no sync).
+    """
+    if capacity_factor is not None:
+        return ep_expert_outputs_capacity(xs_SH, ps_S, offs_E, experts, group, capacity_factor)
+    world = dist.get_world_size(group)
+    L = offs_E.numel() // world
+    # 1.-2. Counts per global expert; recv_WL[s, l] = copies rank s sends to my expert l.
+    counts_E = _counts(offs_E)
+    recv_WL = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_WL, counts_E, group=group)
+    recv_WL = recv_WL.view(world, L)
+    # 3. The one host sync: split sizes for the token all-to-all.
+    send_splits, recv_splits = host_split_sizes(counts_E.view(world, L).sum(1), recv_WL.sum(1))
+    R = sum(recv_splits)
+    # 4. Dispatch copies and their probs; regroup by local expert (stable).
+    x_RH = all_to_all(xs_SH, recv_splits, send_splits, group)
+    p_R = None if ps_S is None else all_to_all(ps_S, recv_splits, send_splits, group)
+    local_WL = torch.arange(L, device=xs_SH.device).repeat(world)
+    expert_R = torch.repeat_interleave(local_WL, recv_WL.reshape(-1), output_size=R)
+    regroup_R = torch.argsort(expert_R, stable=True)
+    offs_L = torch.cumsum(recv_WL.sum(0), 0).to(torch.int32)
+    xg_RH = _GatherRows.apply(x_RH, regroup_R)
+    pg_R = None if p_R is None else p_R.index_select(0, regroup_R)
+    # 5. Local experts (every received row belongs to one of them: covered).
+    yg_RH = GroupedMLP.forward_offsets(experts, xg_RH, offs_L, pg_R, covered=True)
+    # 6. Un-regroup and send back.
+    y_RH = _ScatterRows.apply(yg_RH, regroup_R, R)
+    return all_to_all(y_RH, send_splits, recv_splits, group)
+
+
+# ------------------------------------------------------------------------ capacity mode
 def expert_capacity(num_copies: int, num_experts: int, capacity_factor: float) -> int:
     """Copies each expert accepts from one rank: ``ceil(capacity_factor * S / E)`` (>= 1),
     ``S = T * k`` the rank's token copies."""
@@ -220,12 +224,76 @@ def ep_expert_outputs_capacity(xs_SH: torch.Tensor, ps_S: torch.Tensor, offs_E: 
     # indices, so the scatter is deterministic); spare rows are never sent.
     slot_S = torch.where(pos_S < C, sorted_e_S * C + pos_S, B + rows_S)
     send_BH = _ScatterRows.apply(xs_SH, slot_S, B + S)[:B]
-    send_B = _ScatterRows.apply(ps_S, slot_S, B + S)[:B]
+    send_B = None if ps_S is None else _ScatterRows.apply(ps_S, slot_S, B + S)[:B]
     splits = [L * C] * world
     # Received: (source rank, local expert, C) -> regroup to (local expert, source rank, C).
     xg = all_to_all(send_BH, splits, splits, group).view(world, L, C, H).transpose(0, 1)
-    pg = all_to_all(send_B, splits, splits, group).view(world, L, C).transpose(0, 1)
+    pg = None if send_B is None else all_to_all(send_B, splits, splits, group).view(world, L, C).transpose(0, 1)
     offs_L = (torch.arange(1, L + 1, device=xs_SH.device) * (world * C)).to(torch.int32)
-    yg = experts.forward_offsets(xg.reshape(L * world * C, H), offs_L, pg.reshape(-1), covered=True)
+    yg = GroupedMLP.forward_offsets(experts, xg.reshape(L * world * C, H), offs_L,
+                                    None if pg is None else pg.reshape(-1), covered=True)
     y_BH = all_to_all(yg.view(L, world, C, H).transpose(0, 1).reshape(B, H), splits, splits, group)
     return _GatherRows.apply(torch.cat([y_BH, y_BH.new_zeros(S, H)]), slot_S)
+
+
+# ------------------------------------------------------------------------- the module
+class ExpertParallelMLP(GroupedMLP):
+    """This rank's share of an MoE's experts under expert parallelism.
+
+    A :class:`GroupedMLP` holding the ``E // W`` experts ``local_experts`` (rank ``r``:
+    ``range(r*E/W, (r+1)*E/W)``; ``fc1_weight.shape[0] == E // W``), whose forward takes
+    rows grouped by **global** expert and returns their outputs in the same order: each
+    row travels to the rank of its expert and back by all-to-all
+    (:func:`ep_expert_outputs`; with ``capacity_factor``
+    :func:`ep_expert_outputs_capacity`).  Every rank of ``group`` must call it the same
+    number of times, in the same order.
+
+    ``forward(x, split_sizes, probs=None, validate=False)``: ``split_sizes`` has ``E``
+    entries and must sum to ``T`` (device splits are checked only with ``validate``).
+    ``forward_offsets(x, offs_E, probs, covered=True)``: the ``E`` end offsets (used by
+    ``MoE``); they must cover every row.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 activation: str = "swiglu", *, group, capacity_factor: Optional[float] = None,
+                 recipe: Optional[str] = None, recompute: str = "activation", device=None, dtype=None):
+        local = local_expert_range(num_experts, group)
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
+        super().__init__(len(local), hidden_size, ffn_hidden_size, activation, bias=False,
+                         recipe=recipe, recompute=recompute, device=device, dtype=dtype)
+        self.num_experts, self.local_experts = num_experts, local
+        self.group, self.capacity_factor = group, capacity_factor
+
+    def forward(self, x: torch.Tensor, split_sizes, probs: Optional[torch.Tensor] = None,
+                *, validate: bool = False) -> torch.Tensor:
+        """Expert outputs of ``x`` grouped by the ``E`` global experts -> ``(T, H)``."""
+        check_grouped_input(x, self.fc1_weight, self.hidden_size)
+        probs_T = self._check_probs(probs, x)
+        offs_E = split_sizes_to_offsets(split_sizes, self.num_experts, x.shape[0], x.device, validate)
+        return self.forward_offsets(x, offs_E, probs_T)
+
+    def forward_offsets(self, x_TH: torch.Tensor, offs_G: torch.Tensor,
+                        probs_T: Optional[torch.Tensor] = None, covered: bool = True) -> torch.Tensor:
+        """Like :meth:`GroupedMLP.forward_offsets`, with the ``E`` global offsets."""
+        if offs_G.numel() != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} global expert offsets, got {offs_G.numel()}")
+        if not covered:
+            raise ValueError("ExpertParallelMLP needs offsets that cover every row (covered=True)")
+        return ep_expert_outputs(x_TH, probs_T, offs_G, self, self.group, self.capacity_factor)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", num_experts={self.num_experts}, "
+                f"local_experts={self.local_experts}, capacity_factor={self.capacity_factor}")
+
+
+def make_experts(num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
+                 ep_group=None, capacity_factor: Optional[float] = None, **kwargs) -> GroupedMLP:
+    """``MoE``'s experts: a :class:`GroupedMLP` of all ``E`` experts, or with ``ep_group``
+    an :class:`ExpertParallelMLP` of this rank's ``E // W``."""
+    if ep_group is None:
+        if capacity_factor is not None:
+            raise ValueError("capacity_factor applies to expert parallelism only: pass ep_group too")
+        return GroupedMLP(num_experts, hidden_size, ffn_hidden_size, activation, bias=False, **kwargs)
+    return ExpertParallelMLP(num_experts, hidden_size, ffn_hidden_size, activation, group=ep_group,
+                             capacity_factor=capacity_factor, **kwargs)

@@ -87,14 +87,14 @@ class MoE(nn.Module):
         num_experts, top_k: ``E`` and ``k`` (``1 <= k <= E``).
         activation: expert activation (see :class:`GroupedMLP`).
         normalize_topk: renormalize the ``k`` chosen probs to sum to 1.
+        ep_group: a ``torch.distributed`` process group of ``W`` ranks for expert
+            parallelism: ``experts`` is then an ``ExpertParallelMLP`` holding the ``E // W``
+            experts ``self.local_experts`` (see :mod:`moe_offload.ops.expert_parallel`).
+        capacity_factor: with ``ep_group``, fixed per-expert capacity (drops overflow
+            copies) instead of the dropless dispatch's one host sync per forward.
         recipe: expert compute recipe (see :class:`GroupedMLP`).
         aux_loss_coef: scale of ``self.aux_loss``.
         recompute: expert recompute mode (see :class:`GroupedMLP`).
-        ep_group: a ``torch.distributed`` process group of ``W`` ranks for expert
-            parallelism: this rank holds the ``E // W`` experts ``self.local_experts``
-            and tokens travel by all-to-all (see :mod:`moe_offload.ops.expert_parallel`).
-        capacity_factor: with ``ep_group``, fixed per-expert capacity (drops overflow
-            copies) instead of the dropless dispatch's one host sync per forward.
 
     Modules: ``router`` = ``nn.Linear(H, E, bias=False)``; ``experts`` = ``GroupedMLP``.
 
@@ -115,22 +115,21 @@ class MoE(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", *, normalize_topk: bool = True,
+                 ep_group=None, capacity_factor: Optional[float] = None,
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
-                 recompute: str = "activation", device=None, dtype=None, ep_group=None,
-                 capacity_factor: Optional[float] = None):
+                 recompute: str = "activation", device=None, dtype=None):
         super().__init__()
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
-        from .expert_parallel import local_expert_range      # (imports this module)
-        self.ep_group, self.capacity_factor = ep_group, capacity_factor
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
-        self.local_experts = local_expert_range(num_experts, ep_group)   # global expert ids here
-        self.experts = GroupedMLP(len(self.local_experts), hidden_size, ffn_hidden_size, activation, bias=False,
-                                  recipe=recipe, recompute=recompute, device=device, dtype=dtype)
+        from .expert_parallel import make_experts     # (lazy: expert parallelism is optional)
+        self.experts = make_experts(num_experts, hidden_size, ffn_hidden_size, activation, ep_group,
+                                    capacity_factor, recipe=recipe, recompute=recompute,
+                                    device=device, dtype=dtype)
+        self.ep_group = ep_group
+        self.local_experts = getattr(self.experts, "local_experts", range(num_experts))
         self.aux_loss: Optional[torch.Tensor] = None
         self._warned_checkpoint = False
 
@@ -171,10 +170,5 @@ class MoE(nn.Module):
                                     right=True).to(torch.int32)
         xs_SH = _Permute.apply(x_TH, order_S, k)
         ps_S = p_Tk.reshape(-1).index_select(0, order_S)
-        if self.ep_group is None:
-            ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
-        else:     # expert parallel: to the experts' ranks and back by all-to-all
-            from .expert_parallel import ep_expert_outputs
-            ys_SH = ep_expert_outputs(xs_SH, ps_S, offs_E, self.experts, self.ep_group,
-                                      self.capacity_factor)
+        ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
         return _Unpermute.apply(ys_SH, order_S, k).view(x.shape)

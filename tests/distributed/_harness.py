@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,15 +29,23 @@ def _entry(rank: int, world: int, store_path: str, backend: str, fn, args) -> No
         dist.destroy_process_group()
 
 
-def spawn(world: int, fn, tmp_path, *args, backend: str = "gloo") -> None:
+def spawn(world: int, fn, tmp_path, *args, backend: str = "gloo", timeout_s: float = 180.0) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks (``fn`` must be a
-    module-level function so that the children can import it)."""
+    module-level function so that the children can import it); a rank that fails fails
+    the call with its traceback, and ranks still running after ``timeout_s`` are killed."""
     store_path = os.path.join(str(tmp_path), f"store_{fn.__name__}_{world}")
     # gloo/CPU: fork (the children inherit the imported torch; a fresh interpreter per
     # rank costs seconds of imports on a loaded machine).  NCCL/CUDA needs spawn.
     method = "spawn" if backend == "nccl" else "fork"
-    mp.start_processes(_entry, args=(world, store_path, backend, fn, args), nprocs=world,
-                       join=True, start_method=method)
+    context = mp.start_processes(_entry, args=(world, store_path, backend, fn, args),
+                                 nprocs=world, join=False, start_method=method)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):      # raises with the traceback if a rank fails
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout_s} s")
 
 
 def device_for(backend: str) -> torch.device:

@@ -219,9 +219,28 @@ def test_one_host_sync_per_forward_nccl(tmp_path):
 def indivisible_worker(rank: int, world: int):
     with pytest.raises(ValueError, match="num_experts=3 must be divisible"):
         MoE(H, F, 3, 1, ep_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        MoE(H, F, 4, 1, ep_group=dist.group.WORLD, capacity_factor=0.0)
+    # The experts module on its own: rows grouped by global expert, host split sizes.
+    from moe_offload.ops import GroupedMLP
+    from moe_offload.ops.expert_parallel import ExpertParallelMLP
+    torch.manual_seed(0)
+    full = GroupedMLP(4, H, F)
+    mlp = ExpertParallelMLP(4, H, F, group=dist.group.WORLD)
+    with torch.no_grad():
+        sl = slice(mlp.local_experts.start, mlp.local_experts.stop)
+        mlp.fc1_weight.copy_(full.fc1_weight[sl])
+        mlp.fc2_weight.copy_(full.fc2_weight[sl])
+    splits = [2, 0, 3 + rank, 1]
+    x = torch.randn(sum(splits), H)
+    y = mlp(x, splits)
+    ref = full(x, splits)
+    assert y.shape == ref.shape and (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+    with pytest.raises(ValueError, match="4 global expert offsets"):
+        mlp.forward_offsets(x, torch.tensor([6], dtype=torch.int32))
 
 
-def test_num_experts_not_divisible(tmp_path):
+def test_num_experts_not_divisible_and_experts_module(tmp_path):
     spawn(2, indivisible_worker, tmp_path)
 
 
@@ -358,7 +377,7 @@ def capacity_worker(rank: int, world: int, backend: str):
     mine = slice(rank * T, (rank + 1) * T)
     counter = {"n": 0}
     for factor in (float(E), 0.5):              # C >= T*k: nothing dropped; then drops
-        ep.capacity_factor = factor
+        ep.experts.capacity_factor = factor
         ep.zero_grad()
         x = x_all[mine].clone().requires_grad_(True)
         originals = _count_host_reads(counter) if backend != "nccl" else {}
@@ -426,9 +445,9 @@ def test_capacity_mode_needs_no_sync_nccl(tmp_path):
     spawn(1, capacity_worker, tmp_path, "nccl", backend="nccl")
 
 
-def test_capacity_factor_must_be_positive():
-    with pytest.raises(ValueError, match="capacity_factor"):
-        MoE(H, F, 4, 1, capacity_factor=0.0)
+def test_capacity_factor_needs_ep_group():
+    with pytest.raises(ValueError, match="capacity_factor applies to expert parallelism"):
+        MoE(H, F, 4, 1, capacity_factor=1.0)
 
 
 def test_expert_capacity():
