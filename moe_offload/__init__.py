@@ -7,8 +7,7 @@ Layers (``moe_offload.ops``):
 - :class:`GroupedMLP` -- fused ``fc1 -> activation (* router probs) -> fc2`` in one
   autograd function that recomputes the cheap activation in backward.
 - :class:`MoE` -- linear router, softmax top-k, on-device permutation, ``GroupedMLP``
-  experts, weighted combine, and the load-balancing loss in ``moe.aux_loss``;
-  ``MoE(ep_group=...)`` shards the experts over ranks (expert parallelism, all-to-all).
+  experts, weighted combine, and the load-balancing loss in ``moe.aux_loss``.
 
 Quantized formats (``moe_offload.tensor``): :class:`Float8CurrentScalingQuantizer`,
 :class:`MXFP8Quantizer`, :class:`NVFP4Quantizer`, the containers
