@@ -60,8 +60,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ._grouped_gemm import split_sizes_to_offsets
-from .grouped_linear import check_grouped_input
 from .grouped_mlp import GroupedMLP
 
 __all__ = ["ExpertParallelMLP", "make_experts", "local_expert_range", "host_split_sizes",
@@ -268,10 +266,24 @@ class ExpertParallelMLP(GroupedMLP):
     def forward(self, x: torch.Tensor, split_sizes, probs: Optional[torch.Tensor] = None,
                 *, validate: bool = False) -> torch.Tensor:
         """Expert outputs of ``x`` grouped by the ``E`` global experts -> ``(T, H)``."""
-        check_grouped_input(x, self.fc1_weight, self.hidden_size)
+        w = self.fc1_weight
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must have shape (T, {self.hidden_size})")
+        if x.dtype != w.dtype or x.device != w.device:
+            raise TypeError(f"x ({x.dtype}, {x.device}) must match the weights ({w.dtype}, {w.device})")
         probs_T = self._check_probs(probs, x)
-        offs_E = split_sizes_to_offsets(split_sizes, self.num_experts, x.shape[0], x.device, validate)
-        return self.forward_offsets(x, offs_E, probs_T)
+        return self.forward_offsets(x, self._offsets(split_sizes, x, validate), probs_T)
+
+    def _offsets(self, split_sizes, x: torch.Tensor, validate: bool) -> torch.Tensor:
+        """int32 end offsets of the ``E`` groups; host splits are checked (free), device
+        splits only with ``validate`` (one sync)."""
+        sizes = torch.as_tensor(split_sizes)
+        if sizes.dtype.is_floating_point or sizes.dtype == torch.bool or sizes.shape != (self.num_experts,):
+            raise ValueError(f"split_sizes must be {self.num_experts} integers, got {split_sizes!r}")
+        if sizes.device.type == "cpu" or validate:
+            if bool((sizes < 0).any()) or int(sizes.sum()) != x.shape[0]:
+                raise ValueError(f"split_sizes must be >= 0 and sum to {x.shape[0]}")
+        return sizes.to(x.device).cumsum(0).to(torch.int32)
 
     def forward_offsets(self, x_TH: torch.Tensor, offs_G: torch.Tensor,
                         probs_T: Optional[torch.Tensor] = None, covered: bool = True) -> torch.Tensor:
