@@ -176,6 +176,7 @@ def sync_worker(rank: int, world: int, backend: str):
     ref, ep = build_pair(world, 4, device)
     x = torch.randn(7 + rank, H, device=device, requires_grad=True)
     if backend == "nccl":
+        ep(x).sum().backward()          # warm-up: NCCL communicator set-up, lazy inits
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as fwd:
             warnings.simplefilter("always")
@@ -376,6 +377,8 @@ def capacity_worker(rank: int, world: int, backend: str):
     g_all = torch.randn(world * T, H, generator=gen).to(device)
     mine = slice(rank * T, (rank + 1) * T)
     counter = {"n": 0}
+    if backend == "nccl":
+        ep(x_all[mine]).sum().backward()      # warm-up (NCCL set-up) outside the sync check
     for factor in (float(E), 0.5):              # C >= T*k: nothing dropped; then drops
         ep.experts.capacity_factor = factor
         ep.zero_grad()
