@@ -107,6 +107,11 @@ class MoE(nn.Module):
         num_experts, top_k: ``E`` and ``k`` (``1 <= k <= E``).
         activation: expert activation (see :class:`GroupedMLP`).
         normalize_topk: renormalize the ``k`` chosen probs to sum to 1.
+        ep_group: a ``torch.distributed`` process group of ``W`` ranks for expert
+            parallelism: ``experts`` is then an ``ExpertParallelMLP`` holding the ``E // W``
+            experts ``self.local_experts`` (see :mod:`moe_offload.ops.expert_parallel`).
+        capacity_factor: with ``ep_group``, fixed per-expert capacity (drops overflow
+            copies) instead of the dropless dispatch's one host sync per forward.
         recipe: expert compute recipe (see :class:`GroupedMLP`).
         aux_loss_coef: weight of the load-balancing loss in the training loss.
         recompute: expert recompute mode (see :class:`GroupedMLP`).
@@ -140,6 +145,7 @@ class MoE(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", *, normalize_topk: bool = True,
+                 ep_group=None, capacity_factor: Optional[float] = None,
                  recipe: Optional[str] = None, aux_loss_coef: float = 1e-2,
                  recompute: str = "activation", attach_aux_loss: bool = True,
                  device=None, dtype=None):
@@ -154,8 +160,12 @@ class MoE(nn.Module):
         self.normalize_topk, self.aux_loss_coef = normalize_topk, aux_loss_coef
         self.attach_aux_loss = attach_aux_loss
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = GroupedMLP(num_experts, hidden_size, ffn_hidden_size, activation, bias=False,
-                                  recipe=recipe, recompute=recompute, device=device, dtype=dtype)
+        from .expert_parallel import make_experts     # (lazy: expert parallelism is optional)
+        self.experts = make_experts(num_experts, hidden_size, ffn_hidden_size, activation, ep_group,
+                                    capacity_factor, recipe=recipe, recompute=recompute,
+                                    device=device, dtype=dtype)
+        self.ep_group = ep_group
+        self.local_experts = getattr(self.experts, "local_experts", range(num_experts))
         self.aux_loss: Optional[torch.Tensor] = None
 
     def route(self, x_TH: torch.Tensor):
