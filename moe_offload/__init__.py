@@ -18,12 +18,17 @@ Offload engine (``moe_offload.offload``): :func:`get_cpu_offload_context` (the
 TransformerEngine-compatible ``(context, sync)`` pair), :func:`offload_module_list`,
 :func:`offloaded_checkpoint`, and the marks :func:`mark_not_offload`,
 :func:`mark_activation_offload`, :func:`start_offload`, :func:`is_cpu_offload_enabled`.
+
+Planner (``moe_offload.plan``): :func:`plan_memory` measures a model and returns the
+fastest :class:`MemoryPlan` (per-layer keep / offload / recompute mix) that fits an
+activation-memory budget.
 """
 from .offload import (get_cpu_offload_context, is_cpu_offload_enabled,
                       mark_activation_offload, mark_not_offload, offload_module_list,
                       offloaded_checkpoint, prepare_for_saving, restore_from_saved,
                       start_offload)
 from .ops import GroupedLinear, GroupedMLP, MoE
+from .plan import MemoryPlan, plan_memory
 from .tensor import (Float8CurrentScalingQuantizer, GroupedTensor, GroupedTensorStorage,
                      MXFP8Quantizer, NVFP4Quantizer, group_quantize)
 
@@ -36,4 +41,5 @@ __all__ = [
     "get_cpu_offload_context", "offload_module_list", "offloaded_checkpoint",
     "mark_not_offload", "mark_activation_offload", "start_offload",
     "is_cpu_offload_enabled", "prepare_for_saving", "restore_from_saved",
+    "plan_memory", "MemoryPlan",
 ]
