@@ -84,6 +84,12 @@ def format_plan(r: dict) -> str:
     predicted against the measured step time and memory."""
     p = r["plan"]
     budget = "" if p.get("budget_bytes") is None else f", budget {p['budget_bytes'] / MiB:.1f} MiB"
+    if "choices" in p:     # a moe_offload.plan MemoryPlan (real-model rows)
+        return (f"{'':>16}plan: {' '.join(p['choices'])}, prefetch {p['prefetch_layers']}{budget}; "
+                f"predicted {p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, "
+                f"measured {r['step_s'] * 1e3:.2f} ms / {r['act_bytes'] / MiB:.1f} MiB "
+                f"(x{_f(r.get('step_over_predicted'), '.2f')} / "
+                f"x{r['act_bytes'] / max(p['predicted_bytes'], 1):.2f})")
     return (f"{'':>16}plan: offload first {p['offloaded_layers']} ({p['offload_mode']}), fc1 layers "
             f"{_ranges(p['fc1_layers'])}, prefetch {p['prefetch_layers']}{budget}; predicted "
             f"{p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, measured "
