@@ -82,6 +82,11 @@ def _sac_forward(inner, *args, **kwargs):
 
 
 def _hf_checkpointing(model) -> Callable[[], None]:
+    """Hugging Face's own per-layer checkpointing (torch, non-reentrant); returns the undo."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:      # transformers >= 5.x name; the old one warns
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model.activation_checkpointing_disable
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.gradient_checkpointing_disable
 

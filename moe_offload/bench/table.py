@@ -22,6 +22,13 @@ def format_env(env: dict, cfg: dict) -> str:
     note = ("" if env.get("cuda") else
             "\nnote: CPU run, our engine in emulate mode: the figures show that every strategy runs "
             "end to end with bitwise gradients; speed and memory targets need a CUDA GPU")
+    if cfg.get("model") == "qwen3":
+        problem = (f"model qwen3 (Hugging Face Qwen3-MoE from a config, random weights): "
+                   f"seq={cfg['seq']} layers={cfg.get('layers_explicit') or 'default'} {cfg['dtype']} "
+                   f"iters={cfg['iters']} warmup={cfg['warmup']}")
+        return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
+                f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
+                + problem + note)
     return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
             f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
             f"model {cfg['model']} preset {cfg['preset']}: T={cfg['tokens']} H={cfg['hidden']} "

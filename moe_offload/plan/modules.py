@@ -38,19 +38,34 @@ KINDS = ("attention", "norm", "router", "experts", "mlp", "other")
 RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp", "layer")
 
 
-def use_our_experts(model: nn.Module, **kwargs) -> bool:
-    """Run ``model``'s experts with our :class:`GroupedMLP` when the transformers
-    integration exists (``moe_offload.integrations.transformers``); returns True when it
-    did.  The one place to retarget once that integration lands."""
+def use_our_experts(model: nn.Module) -> bool:
+    """Run ``model``'s experts with our grouped kernels when the transformers integration
+    (``moe_offload.integrations.transformers``) is importable; True when it switched.
+
+    The one place to retarget once that integration lands: it calls the integration's
+    ``use_grouped_experts(model)`` when it has one, else sets every config's
+    ``_experts_implementation = "moe_offload"`` (the registered name)."""
     try:
-        from ..integrations import transformers as integ  # noqa: F401
+        from ..integrations import transformers as integ
     except ImportError:
         return False
-    fn = getattr(integ, "use_grouped_experts", None) or getattr(integ, "apply", None)
-    if fn is None:
-        return False
-    fn(model, **kwargs)
-    return True
+    fn = getattr(integ, "use_grouped_experts", None)
+    if fn is not None:
+        fn(model)
+        return True
+    switched = False
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_experts_implementation"):
+            cfg._experts_implementation = "moe_offload"
+            switched = True
+    return switched
+
+
+def _has_recompute_switch(m: nn.Module) -> bool:
+    """Ours: a ``GroupedMLP``, or an experts module exposing its ``recompute`` switch."""
+    from ..ops.grouped_mlp import GroupedMLP, RECOMPUTE_MODES
+    return isinstance(m, GroupedMLP) or getattr(m, "recompute", None) in RECOMPUTE_MODES
 
 
 def find_layers(model: nn.Module, layers=None) -> nn.ModuleList:
@@ -123,20 +138,19 @@ def layer_modules(layer: nn.Module) -> Dict[str, tuple]:
 
 def options_for(layer: nn.Module) -> List[str]:
     """The recompute options that apply to ``layer`` (``none`` and ``layer`` always)."""
-    from ..ops.grouped_mlp import GroupedMLP
     kinds = {k: [] for k in KINDS}
     for _, (m, kind) in layer_modules(layer).items():
         kinds[kind].append(m)
     opts = ["none"]
     if kinds["norm"]:
         opts.append("norms")
-        if any(isinstance(m, GroupedMLP) for m in kinds["experts"]):
+        if any(_has_recompute_switch(m) for m in kinds["experts"]):
             opts.append("norms+fc1")
-        if any(not isinstance(m, GroupedMLP) for m in kinds["experts"]):
+        if any(not _has_recompute_switch(m) for m in kinds["experts"]):
             opts.append("norms+experts")
         if kinds["mlp"]:
             opts.append("norms+mlp")
-    elif any(isinstance(m, GroupedMLP) for m in kinds["experts"]):
+    elif any(_has_recompute_switch(m) for m in kinds["experts"]):
         opts.append("norms+fc1")       # no norms: fc1 recompute alone
     opts.append("layer")
     return opts
@@ -182,7 +196,6 @@ class Wrappers:
 
 def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None:
     """Install recompute ``option`` on ``layer`` (see the module docstring)."""
-    from ..ops.grouped_mlp import GroupedMLP
     if option not in RECOMPUTE_OPTIONS:
         raise ValueError(f"unknown recompute option {option!r}; expected one of {RECOMPUTE_OPTIONS}")
     if option == "none":
@@ -195,9 +208,9 @@ def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None
         if kind == "norm":
             wrappers.checkpoint_module(m)
     for _, (m, kind) in mods.items():
-        if option == "norms+fc1" and isinstance(m, GroupedMLP):
+        if option == "norms+fc1" and kind == "experts" and _has_recompute_switch(m):
             wrappers.set_attr(m, "recompute", "fc1")
-        elif option == "norms+experts" and kind == "experts" and not isinstance(m, GroupedMLP):
+        elif option == "norms+experts" and kind == "experts" and not _has_recompute_switch(m):
             wrappers.checkpoint_module(m)
     if option == "norms+mlp":
         tops = [m for name, (m, kind) in mods.items() if kind == "mlp"
