@@ -206,7 +206,8 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                                "budget_bytes": plan.budget_bytes,
                                "prefetch_layers": plan.prefetch_layers,
                                "offloaded_layers": plan.prediction.offloaded_layers,
-                               "choices": [str(c) for c in plan.choices],
+                               "choices": [str(c) for c in plan.choices]
+                               + (["loss:ckpt"] if plan.prediction.loss_checkpoint else []),
                                "describe": plan.describe()}
                 row["prefetch_layers"] = plan.prefetch_layers
                 row["offloaded_layers"] = plan.prediction.offloaded_layers

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..offload import OptOutContext, get_cpu_offload_context, mark_not_offload, release_lag
 from .measure import (activation_bytes_after_forward, count_saved, pinned_bandwidth, time_step)
-from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, install_recompute, layer_modules,
-                      options_for)
+from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_function,
+                      install_loss_checkpoint, install_recompute, layer_modules, options_for)
 from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction, predict,
                     search)
 
@@ -133,6 +133,8 @@ class MemoryPlan:
         return handle
 
     def _install(self, handle: PlanHandle) -> None:
+        if self.prediction.loss_checkpoint:
+            install_loss_checkpoint(self.model, handle._wrappers)
         for layer, c in zip(self.layers, self.choices):
             install_recompute(layer, c.recompute, handle._wrappers)
         k = self.prediction.offloaded_layers
@@ -189,8 +191,9 @@ class MemoryPlan:
         """A readable table: per layer its choice, saved / resident / moved MiB, and the
         predictions."""
         f = self.figures
+        loss = ", loss checkpointed" if self.prediction.loss_checkpoint else ""
         lines = [f"MemoryPlan: {len(self.layers)} layers, prefetch {self.prefetch_layers}, "
-                 f"budget {_mib(self.budget_bytes)}",
+                 f"budget {_mib(self.budget_bytes)}{loss}",
                  f"{'layer':>5} {'recompute':<14} {'offload':<28} {'saved MiB':>10} "
                  f"{'resident MiB':>12} {'moved MiB':>10}"]
         from .solve import resident_bytes
@@ -235,8 +238,9 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
                   emulate: Optional[bool] = None) -> tuple:
     """Measure ``model`` for the planner -> ``(layers, ModelFigures)``.
 
-    Runs, for each recompute option (all that apply, or ``options``), one counting forward
-    and ``warmup + iters`` timed steps with the option on every layer.  Parameter grads
+    Runs, for each recompute option (all that apply, or ``options``; ``"loss"`` names the
+    loss checkpoint), one counting forward and ``warmup + iters`` timed steps with the option
+    on every layer.  Parameter grads
     are allocated (zeros) and zeroed before each step; they are left zeroed."""
     layers = find_layers(model, layers)
     L = len(layers)
@@ -277,6 +281,17 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
         for i in range(L):
             if applies[i]:
                 extra[i][opt] = delta * base.layer_fwd_s[i] / share
+    loss_saved, loss_extra = 0, None
+    if has_loss_function(model) and (options is None or "loss" in options):
+        wr = Wrappers()
+        try:
+            install_loss_checkpoint(model, wr)
+            saved = count_saved(model, layers, step_fn, min_offload_bytes)
+            timing = time_step(layers, step_fn, iters, warmup, cuda, zero)
+        finally:
+            wr.remove()
+        loss_saved = max(0, base_saved.outside_bytes - saved.outside_bytes)
+        loss_extra = max(0.0, timing.step_s - base.step_s)
     if cuda:
         act_none = activation_bytes_after_forward(step_fn, zero)
     else:
@@ -291,7 +306,7 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     lfs = [LayerFigures(base.layer_fwd_s[i], base.layer_fwd_s[i] * bwd_per_fwd, extra[i], groups[i],
                         shared[i]) for i in range(L)]
     figures = ModelFigures(lfs, pre, post, pre * bwd_per_fwd, post * bwd_per_fwd, int(act_none),
-                           float(bandwidth[0]), float(bandwidth[1]))
+                           float(bandwidth[0]), float(bandwidth[1]), int(loss_saved), loss_extra)
     gc.collect()
     return layers, figures
 
@@ -363,6 +378,7 @@ def choose(model, layers, f: ModelFigures, cands: List[Prediction], budget_bytes
 
 def make_plan(model: nn.Module, figures: tuple, choices: Sequence[Choice], *,
               prefetch_layers: Optional[int] = None, budget_bytes: Optional[int] = None,
+              loss_checkpoint: bool = False,
               min_offload_bytes: int = 256 * 1024, emulate: Optional[bool] = None) -> MemoryPlan:
     """A :class:`MemoryPlan` with the given per-layer ``choices`` (no search), predicted
     on ``figures`` (from :func:`measure_model`)."""
@@ -375,5 +391,5 @@ def make_plan(model: nn.Module, figures: tuple, choices: Sequence[Choice], *,
                              f"layer {i} (measured: {f.layers[i].options})")
     if emulate is None:
         emulate = not next(model.parameters()).is_cuda
-    pred = predict(f, list(choices), release_lag, prefetch_layers)
+    pred = predict(f, list(choices), release_lag, prefetch_layers, loss_checkpoint)
     return MemoryPlan(model, layers, pred, budget_bytes, f, min_offload_bytes, emulate)

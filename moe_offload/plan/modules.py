@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["KINDS", "RECOMPUTE_OPTIONS", "find_layers", "classify", "layer_modules",
-           "options_for", "install_recompute", "Wrappers", "use_our_experts"]
+           "options_for", "install_recompute", "Wrappers", "use_our_experts", "has_loss_function",
+           "install_loss_checkpoint"]
 
 KINDS = ("attention", "norm", "router", "experts", "mlp", "other")
 RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp", "layer")
@@ -181,8 +182,23 @@ class Wrappers:
         self._attrs.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
+    def checkpoint_loss(self, model: nn.Module) -> None:
+        """Run a Hugging Face model's ``loss_function`` under non-reentrant checkpoint."""
+        had = "_loss_function" in model.__dict__
+        prev = model.__dict__.get("_loss_function")
+        model.loss_function = functools.partial(_ckpt_forward, model.loss_function)
+        self._loss = (model, had, prev)
+
     def remove(self) -> None:
         """Restore every forward and attribute (last change first)."""
+        loss = getattr(self, "_loss", None)
+        if loss is not None:
+            model, had, prev = loss
+            if had:
+                model._loss_function = prev
+            else:
+                del model._loss_function
+            self._loss = None
         for module, name, prev in reversed(self._attrs):
             setattr(module, name, prev)
         for module, had, prev in reversed(self._forwards):
@@ -217,3 +233,17 @@ def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None
                 and not any(name.startswith(o + ".") for o, (_, k) in mods.items() if k == "mlp")]
         for m in tops:
             wrappers.checkpoint_module(m)
+
+
+def has_loss_function(model: nn.Module) -> bool:
+    """True for a Hugging Face model whose loss is ``model.loss_function`` (settable)."""
+    cls_attr = getattr(type(model), "loss_function", None)
+    return isinstance(cls_attr, property) and cls_attr.fset is not None
+
+
+def install_loss_checkpoint(model: nn.Module, wrappers: Wrappers) -> None:
+    """Checkpoint the loss (HF ``loss_function``): it saves the bf16 logits instead of the
+    fp32 log-softmax output (half the bytes; the recompute is one log-softmax)."""
+    if not has_loss_function(model):
+        raise ValueError(f"{type(model).__name__} has no settable loss_function")
+    wrappers.checkpoint_loss(model)

@@ -39,8 +39,13 @@ Time (one step, the engine's schedule):
   measured step-time increase of the recompute option (run on every layer) split the same
   way.
 
+Outside the layers, a Hugging Face model's loss can be checkpointed too (it then saves the
+bf16 logits instead of the fp32 log-softmax output): a model-wide on/off with its measured
+cost and saving.
+
 The search: every plan with one choice for the first ``m`` layers and another for the
-rest (``m = 0..L``; every pair of choices), each with its best prefetch depth; the fastest
+rest (``m = 0..L``; every pair of choices), each with its best prefetch depth, with and
+without the loss checkpoint; the fastest
 plan whose predicted memory fits the budget wins (ties: less memory).  Layers of a decoder
 are alike, so "a leading block does more" covers the useful mixes: leading layers are the
 ones whose copies have the whole rest of the forward to hide and whose reloads come last.
@@ -99,7 +104,9 @@ class LayerFigures:
 @dataclass
 class ModelFigures:
     """Everything the model needs: the layers, the time before / after them, the measured
-    activation memory without a plan, and the bandwidths."""
+    activation memory without a plan, and the bandwidths.  ``loss_extra_s`` /
+    ``loss_saved_bytes``: cost and gain of checkpointing the loss (``None``: no such
+    option)."""
     layers: List[LayerFigures]
     pre_fwd_s: float
     post_fwd_s: float
@@ -108,6 +115,8 @@ class ModelFigures:
     act_none_bytes: int
     d2h_Bps: float
     h2d_Bps: float
+    loss_saved_bytes: int = 0
+    loss_extra_s: Optional[float] = None
 
     @property
     def step_none_s(self) -> float:
@@ -125,6 +134,7 @@ class Prediction:
     fwd_s: float
     act_bytes: int
     moved_bytes: Tuple[int, ...] = field(default=())
+    loss_checkpoint: bool = False
 
     @property
     def offloaded_layers(self) -> int:
@@ -182,9 +192,12 @@ def _simulate(f: ModelFigures, choices: Sequence[Choice], moved: Sequence[int], 
 
 
 def predict(f: ModelFigures, choices: Sequence[Choice], release_lag,
-            prefetch_layers: Optional[int] = None) -> Prediction:
+            prefetch_layers: Optional[int] = None, loss_checkpoint: bool = False) -> Prediction:
     """Predicted figures of ``choices``; ``prefetch_layers=None`` picks the fastest depth.
-    ``release_lag(k, L)`` is the engine's release rule."""
+    ``release_lag(k, L)`` is the engine's release rule; ``loss_checkpoint`` adds the loss
+    checkpoint's cost and saving."""
+    if loss_checkpoint and f.loss_extra_s is None:
+        raise ValueError("loss_checkpoint: the model's loss checkpoint was not measured")
     L = len(f.layers)
     if len(choices) != L:
         raise ValueError(f"need {L} choices, got {len(choices)}")
@@ -197,7 +210,10 @@ def predict(f: ModelFigures, choices: Sequence[Choice], release_lag,
         fwd, step = _simulate(f, choices, moved, p, lag)
         if best is None or step < best[2] * (1 - 1e-9):
             best = (p, fwd, step)
-    return Prediction(tuple(choices), best[0], best[2], best[1], _memory(f, choices), tuple(moved))
+    extra_s = f.loss_extra_s if loss_checkpoint else 0.0
+    saved = f.loss_saved_bytes if loss_checkpoint else 0
+    return Prediction(tuple(choices), best[0], best[2] + extra_s, best[1],
+                      _memory(f, choices) - saved, tuple(moved), loss_checkpoint)
 
 
 def _all_choices(f: ModelFigures) -> List[Choice]:
@@ -223,7 +239,12 @@ def search(f: ModelFigures, release_lag, allowed: Optional[Sequence[Choice]] = N
                 if plan in seen:
                     continue
                 seen.add(plan)
-                out.append(predict(f, plan, release_lag))
+                p = predict(f, plan, release_lag)
+                out.append(p)
+                if f.loss_extra_s is not None:
+                    out.append(Prediction(p.choices, p.prefetch_layers, p.step_s + f.loss_extra_s,
+                                          p.fwd_s, p.act_bytes - f.loss_saved_bytes, p.moved_bytes,
+                                          True))
     return out
 
 

@@ -104,6 +104,19 @@ def test_mixed_choices_and_full_offload_bitwise(qwen3):
         assert stats["offloaded_bytes"] > 0
 
 
+def test_loss_checkpoint_is_bitwise_and_saves_the_fp32_log_softmax(qwen3):
+    model, step, ref, figs = qwen3
+    f = figs[1]
+    # tiny vocab 128 x 32 tokens: fp32 log-softmax 16 KiB saved, bf16... here fp32 logits
+    assert f.loss_extra_s is not None and f.loss_saved_bytes >= 0
+    plan = make_plan(model, figs, [Choice()] * 3, loss_checkpoint=True, min_offload_bytes=THRESHOLD)
+    assert plan.predicted_activation_bytes == f.act_none_bytes - f.loss_saved_bytes
+    assert "loss checkpointed" in plan.describe()
+    got, _ = _run(plan, model, step)
+    assert bitwise(got, ref)
+    assert "_loss_function" not in model.__dict__
+
+
 def test_router_aux_loss_trains_under_plans(qwen3):
     """The router's gradient includes the aux loss: without it the router grads differ."""
     model, step, ref, figs = qwen3
