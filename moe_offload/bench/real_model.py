@@ -173,7 +173,11 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
             if spec.family == "planned" and "ours_experts" not in plan_info:
                 # Plans run on our experts when the transformers integration exists; their
                 # gradients are then compared with a no-plan step on our experts.
-                plan_info["ours_experts"] = use_our_experts(model)
+                try:
+                    plan_info["ours_experts"] = use_our_experts(model)
+                except Exception as e:  # the integration misbehaved: plan on HF's experts
+                    plan_info["ours_experts"] = False
+                    plan_info["ours_experts_error"] = f"{type(e).__name__}: {e}"[:300]
                 if plan_info["ours_experts"]:
                     refs["none"] = _check_step(base_step, params)
                     plan_info["reference"] = "none on our experts (the integration's kernels)"

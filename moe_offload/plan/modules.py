@@ -54,6 +54,12 @@ def use_our_experts(model: nn.Module) -> bool:
     if fn is not None:
         fn(model)
         return True
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    if "moe_offload" not in ALL_EXPERTS_FUNCTIONS:
+        return False
     switched = False
     for m in model.modules():
         cfg = getattr(m, "config", None)
