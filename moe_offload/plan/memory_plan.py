@@ -5,12 +5,12 @@ How the figures come about and how the search works: :mod:`moe_offload.plan.solv
 What the options do to a layer: :mod:`moe_offload.plan.modules`.
 
 The arithmetic this planner is built for (Qwen3-30B-A3B slice, 8 layers, 8192 tokens, bf16,
-H200, ``docs/planner.md``): a step of 165 ms saves 13.9 GiB -- experts 54%, norms 25%,
-attention 11%, router 2%, LM head + loss 8%.  The copy window is about forward (62 ms) x
-55 GB/s = 3.4 GB.  So: recomputing norms removes a quarter for ~2% of the step; offloading
-attention (1.4 GB in all) and then the MoE block's saved bytes of the leading layers fills
-the window for free; what remains is kept or, under tighter budgets, recomputed (experts,
-then whole MLP blocks, then whole layers with their inputs offloaded).
+H200; details in ``docs/planner.md``): a 165 ms step saves 13.9 GiB -- experts 54%, norms 25%,
+attention 11%, router 2%, LM head + loss 8%.  The copy window is forward (62 ms) x 55 GB/s =
+3.2 GiB (23%).  Recomputing norms removes 16% net (their bf16 inputs are saved instead) for about
+5% of the step; attention outputs (1.4 GiB in all) and then MoE-block bytes of the leading layers
+fill the window for free; past that, checkpointing HF's experts removes 49% for about 16%, the
+loss checkpoint 4% for about 1 ms, whole layers (inputs offloaded) all but the inputs for 30-38%.
 """
 from __future__ import annotations
 
