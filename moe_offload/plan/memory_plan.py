@@ -26,7 +26,7 @@ from .measure import (activation_bytes_after_forward, count_saved, pinned_bandwi
 from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_function,
                       install_loss_checkpoint, install_recompute, layer_modules, options_for)
 from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction, predict,
-                    search)
+                    refine, search)
 
 __all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose"]
 
@@ -364,6 +364,8 @@ def choose(model, layers, f: ModelFigures, cands: List[Prediction], budget_bytes
         limit = f.step_none_s * max_time_x
         ok = [c for c in cands if c.step_s <= limit]
         best = min(ok, key=lambda c: (c.act_bytes, c.step_s))
+        best = refine(f, best, release_lag, lambda a, b: (a.act_bytes, a.step_s) < (b.act_bytes, b.step_s),
+                      lambda p: p.step_s <= limit)
     else:
         ok = [c for c in cands if c.act_bytes <= budget_bytes]
         if not ok:
@@ -373,6 +375,8 @@ def choose(model, layers, f: ModelFigures, cands: List[Prediction], budget_bytes
                 f"the minimum activation memory any plan reaches: {low} bytes "
                 f"({low / MiB:.1f} MiB)")
         best = min(ok, key=lambda c: (c.step_s, c.act_bytes))
+        best = refine(f, best, release_lag, lambda a, b: (a.step_s, a.act_bytes) < (b.step_s, b.act_bytes),
+                      lambda p: p.act_bytes <= budget_bytes)
     return MemoryPlan(model, layers, best, budget_bytes, f, min_offload_bytes, emulate)
 
 

@@ -46,7 +46,9 @@ cost and saving.
 The search: every plan with one choice for the first ``m`` layers and another for the
 rest (``m = 0..L``; every pair of choices), each with its best prefetch depth, with and
 without the loss checkpoint; the fastest
-plan whose predicted memory fits the budget wins (ties: less memory).  Layers of a decoder
+plan whose predicted memory fits the budget wins (ties: less memory), then :func:`refine`
+changes one layer's choice at a time while that keeps the plan within the budget and makes it
+faster (for a time limit: smaller within the limit).  Layers of a decoder
 are alike, so "a leading block does more" covers the useful mixes: leading layers are the
 ones whose copies have the whole rest of the forward to hide and whose reloads come last.
 
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["OFFLOAD_LEVELS", "Choice", "LayerFigures", "ModelFigures", "Prediction",
-           "resident_bytes", "moved_bytes", "predict", "search", "minimum_bytes"]
+           "resident_bytes", "moved_bytes", "predict", "search", "refine", "minimum_bytes"]
 
 OFFLOAD_LEVELS = {
     0: frozenset(),
@@ -251,3 +253,26 @@ def search(f: ModelFigures, release_lag, allowed: Optional[Sequence[Choice]] = N
 def minimum_bytes(candidates: Sequence[Prediction]) -> int:
     """The least predicted activation memory over ``candidates``."""
     return min(c.act_bytes for c in candidates)
+
+
+def refine(f: ModelFigures, start: Prediction, release_lag, better, fits,
+           allowed: Optional[Sequence[Choice]] = None, max_passes: int = 4) -> Prediction:
+    """Local search from ``start``: change one layer's choice at a time, keep a change when
+    the new plan ``fits`` and is ``better`` than the current one; stop after a pass
+    without a change (or ``max_passes``)."""
+    choices = list(allowed) if allowed is not None else _all_choices(f)
+    best = start
+    for _ in range(max_passes):
+        changed = False
+        for i in range(len(f.layers)):
+            for c in choices:
+                if c == best.choices[i]:
+                    continue
+                plan = list(best.choices)
+                plan[i] = c
+                p = predict(f, plan, release_lag, loss_checkpoint=best.loss_checkpoint)
+                if fits(p) and better(p, best):
+                    best, changed = p, True
+        if not changed:
+            break
+    return best

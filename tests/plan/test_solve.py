@@ -3,7 +3,7 @@ import pytest
 
 from moe_offload.offload import release_lag
 from moe_offload.plan.solve import (Choice, LayerFigures, ModelFigures, moved_bytes, predict,
-                                    resident_bytes, search)
+                                    refine, resident_bytes, search)
 
 ATT, MLP, NORM = frozenset({"attention"}), frozenset({"experts"}), frozenset({"norm"})
 
@@ -71,3 +71,17 @@ def test_search_covers_mixes_and_prefetch():
     fastest_small = min((c for c in cands if c.act_bytes <= f.act_none_bytes - 400),
                         key=lambda c: c.step_s)
     assert fastest_small.step_s < 12.0 + 4 * 0.1 + 1e-9
+
+
+def test_refine_improves_one_layer_at_a_time():
+    """From the no-plan start, a budget of 250 B less than none is met by the cheapest
+    per-layer changes: refine reaches it and never leaves the budget."""
+    f = figures(bw=1e-3)          # offload is hopeless: only recompute can save bytes
+    start = predict(f, [Choice("norms", 0)] * 4, release_lag)
+    budget = f.act_none_bytes - 150
+
+    def fits(p):
+        return p.act_bytes <= budget
+    got = refine(f, start, release_lag, lambda a, b: (a.step_s, a.act_bytes) < (b.step_s, b.act_bytes), fits)
+    assert fits(got) and got.step_s < start.step_s
+    assert sum(c.recompute == "norms" for c in got.choices) == 3     # 3 x 50 B = 150 B
