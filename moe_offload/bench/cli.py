@@ -41,8 +41,11 @@ def run_and_report(cfg: BenchConfig, out=None) -> dict:
 def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     """The real-model run (``--model qwen3``): table, per-plan tables, targets, JSON, plot."""
     from .real_model import format_plans, format_targets, run_real, target_checks
+    import os
     from .run import derive, environment, progress
     out = out or sys.stdout
+    if cfg.is_cuda:   # deterministic cuBLAS for the check steps: set before cuBLAS starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     env = environment(cfg)
     result = run_real(cfg, progress)
     derive(result["rows"], env)
