@@ -194,15 +194,15 @@ class MemoryPlan:
         loss = ", loss checkpointed" if self.prediction.loss_checkpoint else ""
         lines = [f"MemoryPlan: {len(self.layers)} layers, prefetch {self.prefetch_layers}, "
                  f"budget {_mib(self.budget_bytes)}{loss}",
-                 f"{'layer':>5} {'recompute':<14} {'offload':<28} {'saved MiB':>10} "
+                 f"{'layer':>5} {'recompute':<14} {'offload':<25} {'saved MiB':>10} "
                  f"{'resident MiB':>12} {'moved MiB':>10}"]
         from .solve import resident_bytes
         for i, (lf, c) in enumerate(zip(f.layers, self.choices)):
-            kinds = ", ".join(sorted(OFFLOAD_LEVELS[c.offload] - {"other"})) or "-"
+            kinds = _LEVEL_TEXT[c.offload]
             if c.recompute == "layer" and c.offload:
                 kinds = "layer inputs"
             g = lf.groups[c.recompute]
-            lines.append(f"{i:>5} {c.recompute:<14} {kinds:<28} {sum(g.values()) / MiB:>10.1f} "
+            lines.append(f"{i:>5} {c.recompute:<14} {kinds:<25} {sum(g.values()) / MiB:>10.1f} "
                          f"{resident_bytes(g, c.offload) / MiB:>12.1f} {lf.moved(c) / MiB:>10.1f}")
         lines.append(f"predicted: step {self.predicted_step_s * 1e3:.2f} ms "
                      f"({self.predicted_step_s / f.step_none_s:.2f}x of no plan, "
@@ -214,6 +214,9 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         return self.describe()
+
+
+_LEVEL_TEXT = {0: "-", 1: "attention", 2: "attention, MoE/MLP block", 3: "all"}
 
 
 def _mib(b) -> str:
