@@ -27,6 +27,9 @@ offsets, on the device), :func:`offsets_to_split_sizes`, :func:`permute`,
 combine of the ``k`` copies of each token).
 
 Hugging Face transformers (optional): ``moe_offload.integrations.transformers``.
+Planner (``moe_offload.plan``): :func:`plan_memory` measures a model and returns the
+fastest :class:`MemoryPlan` (per-layer keep / offload / recompute mix) that fits an
+activation-memory budget.
 """
 from .offload import (get_cpu_offload_context, is_cpu_offload_enabled,
                       mark_activation_offload, mark_not_offload, offload_module_list,
@@ -35,6 +38,7 @@ from .offload import (get_cpu_offload_context, is_cpu_offload_enabled,
 from .ops import GroupedLinear, GroupedMLP, MoE
 from .ops.routing import (offsets_to_split_sizes, permute, permute_probs, sort_by_expert,
                           unpermute)
+from .plan import MemoryPlan, plan_memory
 from .tensor import (Float8CurrentScalingQuantizer, GroupedTensor, GroupedTensorStorage,
                      MXFP8Quantizer, NVFP4Quantizer, group_quantize)
 
@@ -48,4 +52,5 @@ __all__ = [
     "mark_not_offload", "mark_activation_offload", "start_offload",
     "is_cpu_offload_enabled", "prepare_for_saving", "restore_from_saved",
     "sort_by_expert", "offsets_to_split_sizes", "permute", "permute_probs", "unpermute",
+    "plan_memory", "MemoryPlan",
 ]

@@ -12,12 +12,14 @@ from .run import run_bench
 from .strategies import strategy_names
 from .table import format_checks, format_env, format_table
 
-__all__ = ["bench_main", "run_and_report"]
+__all__ = ["bench_main", "run_and_report", "run_and_report_real"]
 
 
 def run_and_report(cfg: BenchConfig, out=None) -> dict:
     """Run ``cfg``, print the report to ``out`` (stdout), write JSON/plot; return the report."""
     out = out or sys.stdout
+    if cfg.model == "qwen3":
+        return run_and_report_real(cfg, out)
     result = run_bench(cfg)
     checks = comparisons(result["rows"])
     report = build_report(result, checks)
@@ -36,9 +38,42 @@ def run_and_report(cfg: BenchConfig, out=None) -> dict:
     return report
 
 
+def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
+    """The real-model run (``--model qwen3``): table, per-plan tables, targets, JSON, plot."""
+    from .real_model import format_plans, format_targets, run_real, target_checks
+    import os
+    from .run import derive, environment, progress
+    out = out or sys.stdout
+    if cfg.is_cuda:   # deterministic cuBLAS for the check steps: set before cuBLAS starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    env = environment(cfg)
+    result = run_real(cfg, progress)
+    derive(result["rows"], env)
+    checks = {"targets": target_checks(result["rows"])}
+    report = build_report({"config": cfg.to_dict(), "env": env, "rows": result["rows"],
+                           "traces": {}}, checks)
+    report["planner"] = result["planner"]
+    print(format_env(env, report["config"]), file=out)
+    print(format_table(result["rows"]), file=out)
+    print(format_plans(result["rows"]), file=out)
+    print(format_targets(checks["targets"]), file=out)
+    if cfg.json_path:
+        write_json(report, cfg.json_path)
+        print(f"wrote {cfg.json_path}", file=out)
+    if cfg.plot_path:
+        try:
+            hint = write_plot(report, cfg.plot_path)
+        except Exception as e:  # the figures are printed and saved already
+            hint = f"plot failed: {type(e).__name__}: {e}"
+        print(hint if hint else f"wrote {cfg.plot_path}", file=out)
+    return report
+
+
 def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate ``args`` (usage error, exit 2, on bad values) and run the benchmark."""
     recipe = None if args.recipe == "none" else (args.recipe or "fp8")
-    cfg = config_from_args(args, parser, known_strategies=strategy_names(recipe))
+    from .real_model import real_rows
+    known = strategy_names(recipe) + [r.name for r in real_rows(True)] + ["peer", "planned"]
+    cfg = config_from_args(args, parser, known_strategies=known)
     run_and_report(cfg)
     return 0

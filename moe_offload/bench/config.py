@@ -44,7 +44,10 @@ PRESETS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECIPE_CHOICES = ("none", "fp8", "mxfp8", "nvfp4")
 STACK_CHOICES = ("fused", "unfused", "both")
-MODEL_CHOICES = ("mlp", "moe")
+MODEL_CHOICES = ("qwen3", "mlp", "moe")
+# Flags that only make sense for the synthetic stacks: giving one selects --model mlp
+# when --model is not given.
+_SYNTHETIC_FLAGS = ("preset", "tokens", "hidden", "ffn", "experts", "recipe", "stack")
 SPLIT_CHOICES = ("uniform", "random")
 
 
@@ -72,6 +75,8 @@ class BenchConfig:
     plot_path: Optional[str] = None
     seed: int = 0
     progress: bool = True
+    seq: int = 8192
+    layers_explicit: Optional[int] = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -124,8 +129,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", choices=STACK_CHOICES, default=None,
                    help="fused = our GroupedMLP stack, unfused = the peers' torch._grouped_mm stack "
                         "(default: both on CUDA, fused on CPU)")
-    p.add_argument("--model", choices=MODEL_CHOICES, default="mlp",
-                   help="mlp = stack of expert MLPs; moe = stack of full MoE blocks (fused only)")
+    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                   help="qwen3 = Hugging Face Qwen3-MoE slice vs the peers and our planner (the "
+                        "default unless a synthetic-stack flag is given); mlp = stack of expert "
+                        "MLPs; moe = stack of full MoE blocks (fused only)")
+    p.add_argument("--seq", type=_positive_int, default=None,
+                   help="tokens of the --model qwen3 sequence (default 8192 on CUDA, 64 on CPU)")
     p.add_argument("--splits", choices=SPLIT_CHOICES, default="uniform",
                    help="tokens per expert: uniform or random (kept on the device)")
     p.add_argument("--top-k", type=_positive_int, default=2, help="top-k of --model moe")
@@ -171,6 +180,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: {device!r} requested but CUDA is not available")
     cuda = dev.type == "cuda"
+    model = args.model
+    if model is None:
+        model = "mlp" if any(getattr(args, f, None) is not None for f in _SYNTHETIC_FLAGS) else "qwen3"
+    if args.seq is not None and model != "qwen3":
+        parser.error(f"argument --seq: only for --model qwen3, not --model {model}")
     preset = PRESETS[args.preset or ("medium" if cuda else "tiny")]
     cfg = BenchConfig(
         tokens=args.tokens or preset.tokens, hidden=args.hidden or preset.hidden,
@@ -178,12 +192,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         layers=args.layers or preset.layers, dtype=args.dtype or preset.dtype,
         device=device, preset=args.preset or ("medium" if cuda else "tiny"),
         recipe=args.recipe or "fp8", recipe_explicit=args.recipe is not None,
-        stack=args.stack or ("both" if cuda else "fused"), model=args.model,
+        stack=args.stack or ("both" if cuda else "fused"), model=model,
         splits=args.splits, top_k=args.top_k,
         iters=args.iters or (5 if cuda else 2),
         warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
         json_path=args.json_path, plot_path=args.plot_path, seed=args.seed,
-        progress=args.progress)
+        progress=args.progress, seq=args.seq or (8192 if cuda else 64), layers_explicit=args.layers)
     if cfg.tokens < cfg.experts:
         parser.error(f"--tokens {cfg.tokens} must be >= --experts {cfg.experts}")
     if cfg.model == "moe" and cfg.top_k > cfg.experts:

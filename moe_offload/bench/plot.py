@@ -46,7 +46,7 @@ def write_plot(report: dict, path: str) -> Optional[str]:
         ax.scatter([ax_], [tx], color=_COLORS.get(r["owner"], "gray"), marker=marker, zorder=3)
         ax.annotate(f"{r['stack']}:{r['strategy']}", (ax_, tx), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    for p in PUBLISHED:
+    for p in (PUBLISHED if report.get("config", {}).get("model") != "qwen3" else ()):
         ax.scatter([p.act_x], [p.time_x], facecolors="none", edgecolors="gray", marker="D", zorder=2)
         ax.annotate(p.name, (p.act_x, p.time_x), fontsize=7, color="gray",
                     xytext=(3, -9), textcoords="offset points")

@@ -22,6 +22,13 @@ def format_env(env: dict, cfg: dict) -> str:
     note = ("" if env.get("cuda") else
             "\nnote: CPU run, our engine in emulate mode: the figures show that every strategy runs "
             "end to end with bitwise gradients; speed and memory targets need a CUDA GPU")
+    if cfg.get("model") == "qwen3":
+        problem = (f"model qwen3 (Hugging Face Qwen3-MoE from a config, random weights): "
+                   f"seq={cfg['seq']} layers={cfg.get('layers_explicit') or 'default'} {cfg['dtype']} "
+                   f"iters={cfg['iters']} warmup={cfg['warmup']}")
+        return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
+                f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
+                + problem + note)
     return (f"torch {env['torch']} | {env['device']} | {env['date']} | "
             f"{bw['kind']}: D2H {bw['d2h_Bps'] / 1e9:.1f} GB/s, H2D {bw['h2d_Bps'] / 1e9:.1f} GB/s\n"
             f"model {cfg['model']} preset {cfg['preset']}: T={cfg['tokens']} H={cfg['hidden']} "
@@ -84,6 +91,12 @@ def format_plan(r: dict) -> str:
     predicted against the measured step time and memory."""
     p = r["plan"]
     budget = "" if p.get("budget_bytes") is None else f", budget {p['budget_bytes'] / MiB:.1f} MiB"
+    if "choices" in p:     # a moe_offload.plan MemoryPlan (real-model rows)
+        return (f"{'':>16}plan: {' '.join(p['choices'])}, prefetch {p['prefetch_layers']}{budget}; "
+                f"predicted {p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, "
+                f"measured {r['step_s'] * 1e3:.2f} ms / {r['act_bytes'] / MiB:.1f} MiB "
+                f"(x{_f(r.get('step_over_predicted'), '.2f')} / "
+                f"x{r['act_bytes'] / max(p['predicted_bytes'], 1):.2f})")
     return (f"{'':>16}plan: offload first {p['offloaded_layers']} ({p['offload_mode']}), fc1 layers "
             f"{_ranges(p['fc1_layers'])}, prefetch {p['prefetch_layers']}{budget}; predicted "
             f"{p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, measured "

@@ -115,7 +115,7 @@ from .pool import PinnedPool
 from .record import (COPY, RANGE, Geometry, Kept, PackedComposite, Record, SavedRef,
                      State, Transport)
 
-__all__ = ["get_cpu_offload_context", "CpuOffloadContext", "OptOutContext"]
+__all__ = ["get_cpu_offload_context", "CpuOffloadContext", "OptOutContext", "release_lag"]
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +469,7 @@ class CpuOffloadContext:
         """
         if self.model_layers is None:
             return 2
-        k = self.num_layers if self.num_layers is not None else self.model_layers - 1
-        return max(2, self.model_layers - k)
+        return release_lag(self.num_layers, self.model_layers)
 
     def _end_of_forward(self) -> None:
         """The last model layer exited: every offloaded copy is released now, so the
@@ -697,6 +696,15 @@ class CpuOffloadContext:
             x.grad_fn.register_prehook(
                 lambda grad_outputs, alive=alive: self._on_layer_backward(step, index))
         return x
+
+
+def release_lag(num_layers: Optional[int], model_layers: int) -> int:
+    """The engine's release rule, for planners: the copies of offloaded layer ``i`` are
+    force-released (the compute stream waits for them) when layer ``i + lag`` is entered,
+    ``lag = max(2, model_layers - k)`` with ``k = num_layers`` (``None``: all but the last),
+    and every copy is released when the last model layer exits."""
+    k = num_layers if num_layers is not None else model_layers - 1
+    return max(2, model_layers - k)
 
 
 def get_cpu_offload_context(

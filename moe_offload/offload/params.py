@@ -41,9 +41,9 @@ class ParamStorages:
         """Register the storage of ``p`` (a parameter or a view of one)."""
         try:
             storage = p.untyped_storage()
-        except (RuntimeError, NotImplementedError):   # pragma: no cover - no storage
+            key = (storage.data_ptr(), p.device)
+        except (RuntimeError, NotImplementedError):   # no storage (e.g. FSDP2's DTensor shards)
             return
-        key = (storage.data_ptr(), p.device)
         ref = self._refs.get(key)
         if ref is None or ref() is not storage:
             self._refs[key] = weakref.ref(storage)

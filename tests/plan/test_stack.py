@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from moe_offload.bench.planner import (LayerCosts, Plan, candidate_plans, costs_from_measurements,
+from moe_offload.plan.stack import (LayerCosts, Plan, candidate_plans, costs_from_measurements,
                                        plan_for_budget, plan_hidden, plan_memory, prefetch_for,
                                        simulate)
 

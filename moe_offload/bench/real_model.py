@@ -1,0 +1,359 @@
+"""The real-model benchmark (``python -m moe_offload``, ``--model qwen3``): a Hugging Face
+Qwen3-MoE built from a config (random weights, no download), the peers, and our planner's
+plans at each peer's memory, at half of it, and at <= 1.03x of no plan's step time.
+
+The model on a GPU is a slice of Qwen3-30B-A3B: hidden 2048, 32 query / 4 KV heads of 128,
+128 experts, top-8, expert ffn 768, 8 decoder layers, vocab 32768, bf16, SDPA, the router
+aux loss in the loss (``output_router_logits=True``), one sequence of ``--seq`` tokens
+(8192 by default).  On the CPU a tiny version runs in seconds (engine in emulate mode).
+
+Every row runs in this process on the same weights and tokens.  Per row: ``warmup``
+untimed and ``iters`` timed steps (forward = ``model(ids, labels=ids).loss``, backward =
+``loss.backward()``; median), one step measuring activation memory (allocated after the
+forward minus before, from a clean state: previous graph freed, ``gc.collect()``,
+parameter gradients allocated), then one *check* step for gradients.
+
+Bitwise gradients: the check step runs with ``torch.use_deterministic_algorithms(True)``
+(``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set before cuBLAS starts), so SDPA's backward and
+the scatter-adds of the experts take their deterministic kernels; every row's gradients
+are compared with ``none``'s check step, and ``none`` is checked against itself (a second
+check step) so a non-deterministic kernel shows as ``none`` failing, not as a false alarm
+on a plan row.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .measure import grads_bitwise_equal, measure_memory, time_steps
+from .peers import PEERS, install_peer, torchtune_available
+
+__all__ = ["QWEN3_SLICE", "QWEN3_TINY", "build_qwen3", "real_rows", "run_real", "target_checks",
+           "format_targets"]
+
+# hidden, heads, kv heads, head dim, experts, top-k, expert ffn, layers, vocab, dense ffn
+QWEN3_SLICE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                   num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                   num_hidden_layers=8, vocab_size=32768, intermediate_size=6144)
+QWEN3_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                  num_hidden_layers=4, vocab_size=256, intermediate_size=128)
+
+# Peers whose memory our plans are asked to match (and halve).
+BUDGET_PEERS = ("checkpoint", "sac", "save_on_cpu+ckpt", "torchtune+ckpt")
+TIME_TOL = 1.03
+
+
+def build_qwen3(dims: dict, seq: int, device: str, dtype: torch.dtype, seed: int,
+                layers: Optional[int] = None):
+    """``(model, ids)``: Qwen3-MoE from a config (SDPA, grouped_mm experts, aux loss on),
+    random weights seeded by ``seed``, in train mode; ``ids`` ``(1, seq)``."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    kw = dict(dims)
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    cfg = Qwen3MoeConfig(**kw, output_router_logits=True, router_aux_loss_coef=0.001,
+                         max_position_embeddings=max(seq, 4096), use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    try:
+        cfg._experts_implementation = "grouped_mm"     # HF's batched grouped GEMM path
+    except Exception:   # a transformers without that switch keeps its default
+        pass
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.to(dtype).train()
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(device)
+    return model, ids
+
+
+@dataclass
+class _Row:
+    name: str
+    family: str
+    owner: str
+    description: str
+
+
+def real_rows(torchtune: bool) -> list:
+    """The rows in run order (peers first: the plans' budgets are their measured memory)."""
+    desc = {"none": "no saving trick", "checkpoint": "HF gradient checkpointing (torch, non-reentrant)",
+            "sac": "torch selective checkpointing (save mm/grouped_mm/SDPA outputs)",
+            "save_on_cpu+ckpt": "torch save_on_cpu (pinned) + checkpointing",
+            "torchtune": "torchtune OffloadActivations",
+            "torchtune+ckpt": "torchtune OffloadActivations + checkpointing"}
+    rows = [_Row(p, p if p == "none" else "peer", "baseline" if p == "none" else "peer", desc[p])
+            for p in PEERS if torchtune or not p.startswith("torchtune")]
+    for peer in BUDGET_PEERS:
+        if peer.startswith("torchtune") and not torchtune:
+            continue
+        rows.append(_Row(f"plan@{peer}", "planned", "ours", f"planner: fastest within {peer}'s memory"))
+        rows.append(_Row(f"plan@half-{peer}", "planned", "ours",
+                         f"planner: fastest within half of {peer}'s memory"))
+    rows.append(_Row("plan@time", "planned", "ours",
+                     f"planner: least memory predicted within {TIME_TOL - 0.01:.2f}x of none's time "
+                     f"(target: measured <= {TIME_TOL}x)"))
+    return rows
+
+
+def _params(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _grads(params, to_cpu: bool) -> list:
+    return [None if p.grad is None else (p.grad.detach().to("cpu", copy=True) if to_cpu
+                                         else p.grad.detach().clone()) for p in params]
+
+
+@contextlib.contextmanager
+def _deterministic():
+    old = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+def _check_step(step, params) -> list:
+    for p in params:
+        p.grad = None
+    torch.manual_seed(1234)
+    with _deterministic():
+        loss = step()
+        loss.backward()
+    del loss
+    return _grads(params, to_cpu=True)
+
+
+def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
+    """Run every row of the real-model benchmark -> ``{"rows", "planner"}``; rows carry the
+    same keys as the synthetic benchmark's (ratios are added by ``derive``)."""
+    from ..plan import measure_model, use_our_experts
+    from ..plan.memory_plan import choose
+    from ..plan.solve import search
+    from ..offload import release_lag
+
+    cuda = cfg.is_cuda
+    if cuda:   # deterministic cuBLAS for the check steps (read when cuBLAS starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    dims = QWEN3_SLICE if cuda else QWEN3_TINY
+    model, ids = build_qwen3(dims, cfg.seq, cfg.device, cfg.torch_dtype, cfg.seed,
+                             layers=cfg.layers_explicit)
+    layers = model.model.layers
+    params = _params(model)
+
+    def base_step():
+        return model(input_ids=ids, labels=ids).loss
+
+    threshold = 256 * 1024 if cuda else 1024
+    rows, refs, act_of, figures, cands = [], {}, {}, None, None
+    plan_info = {}
+    specs = real_rows(torchtune_available())
+    if cfg.strategies:
+        keep = set(cfg.strategies) | {"none"}
+        specs = [s for s in specs if s.name in keep or s.family in keep]
+    items = [("qwen3", s) for s in specs]
+    for _, spec in (progress(items, cfg.progress, "qwen3") if progress else items):
+        row = {"stack": "qwen3", "base_stack": "qwen3", "strategy": spec.name, "family": spec.family,
+               "owner": spec.owner, "description": spec.description, "reference": "none",
+               "status": "ok", "note": "", "output_bytes": 0, "plan": None, "prefetch_layers": None}
+        installed = None
+        try:
+            if spec.family == "planned" and "ours_experts" not in plan_info:
+                # Plans run on our experts when the transformers integration exists; their
+                # gradients are then compared with a no-plan step on our experts.
+                try:
+                    plan_info["ours_experts"] = use_our_experts(model)
+                except Exception as e:  # the integration misbehaved: plan on HF's experts
+                    plan_info["ours_experts"] = False
+                    plan_info["ours_experts_error"] = f"{type(e).__name__}: {e}"[:300]
+                if plan_info["ours_experts"]:
+                    refs["none"] = _check_step(base_step, params)
+                    plan_info["reference"] = "none on our experts (the integration's kernels)"
+            if spec.family == "planned":
+                row["reference"] = "none+ours_experts" if plan_info["ours_experts"] else "none"
+                if figures is None:
+                    figures = measure_model(model, base_step, layers, min_offload_bytes=threshold,
+                                            iters=max(1, cfg.iters // 2), warmup=min(1, cfg.warmup))
+                    cands = search(figures[1], release_lag)
+                    plan_info["measured"] = _figures_summary(figures[1])
+                if spec.name == "plan@time":
+                    plan = choose(model, layers, figures[1], cands, None, max_time_x=TIME_TOL - 0.01,
+                                  min_offload_bytes=threshold, emulate=not cuda)
+                else:
+                    peer = spec.name.split("@", 1)[1]
+                    frac = 0.5 if peer.startswith("half-") else 1.0
+                    peer = peer[5:] if peer.startswith("half-") else peer
+                    if peer not in act_of:
+                        raise _Skip(f"{peer} has no measured memory")
+                    budget = int(act_of[peer] * frac)
+                    try:
+                        plan = choose(model, layers, figures[1], cands, budget,
+                                      min_offload_bytes=threshold, emulate=not cuda)
+                    except ValueError as e:
+                        raise _Skip(str(e)) from None
+                handle = plan.apply()
+                installed = _plan_installed(handle)
+                row["plan"] = {"predicted_s": plan.predicted_step_s,
+                               "predicted_bytes": plan.predicted_activation_bytes,
+                               "budget_bytes": plan.budget_bytes,
+                               "prefetch_layers": plan.prefetch_layers,
+                               "offloaded_layers": plan.prediction.offloaded_layers,
+                               "choices": [str(c) for c in plan.choices]
+                               + (["loss:ckpt"] if plan.prediction.loss_checkpoint else []),
+                               "describe": plan.describe()}
+                row["prefetch_layers"] = plan.prefetch_layers
+                row["offloaded_layers"] = plan.prediction.offloaded_layers
+            else:
+                installed = install_peer(spec.name, model, layers, cuda)
+            step = installed.wrap(base_step)
+            _measure_row(row, step, params, cfg, cuda, getattr(installed, "reset", None))
+            d2h, h2d = installed.moved_bytes()
+            row.update(d2h_bytes=int(d2h), h2d_bytes=int(h2d), engine_stats=installed.stats())
+            grads = _check_step(step, params)
+            if spec.name == "none":
+                refs["none"] = grads
+                again = _check_step(step, params)
+                row["bitwise_equal"] = grads_bitwise_equal(again, grads)
+                if not row["bitwise_equal"]:
+                    row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
+            else:
+                ref = refs.get("none")
+                row["bitwise_equal"] = None if ref is None else grads_bitwise_equal(grads, ref)
+            del grads
+            if spec.owner in ("peer", "baseline"):
+                act_of[spec.name] = row["act_bytes"]
+        except _Skip as e:
+            row.update(status="skipped", note=str(e))
+        except Exception as e:  # a failing strategy is a row, not the end of the run
+            row.update(status="error", note=f"{type(e).__name__}: {e}"[:300])
+        finally:
+            if installed is not None:
+                installed.remove()
+            for p in params:
+                p.grad = None
+            gc.collect()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if cfg.progress:
+            print(f"  qwen3 {spec.name}: " + (
+                f"step {row['step_s'] * 1e3:.2f} ms, act {row['act_bytes'] / 2**20:.1f} MiB, "
+                f"d2h {row['d2h_bytes'] / 1e6:.1f} MB, bitwise {row['bitwise_equal']}"
+                if row["status"] == "ok" else f"[{row['status']}] {row['note']}"), file=log, flush=True)
+    return {"rows": rows, "planner": plan_info}
+
+
+class _Skip(Exception):
+    pass
+
+
+def _plan_installed(handle):
+    from .peers import Installed
+
+    def moved():
+        s = handle.stats()
+        return int(s.get("offloaded_bytes", 0)), int(s.get("reloaded_bytes", 0))
+
+    def stats():
+        return {k: v for k, v in handle.stats().items() if isinstance(v, (int, float, str, bool))}
+    inst = Installed(remove=handle.remove, moved=moved, stats=stats)
+    inst.reset = handle.reset_stats
+    return inst
+
+
+def _measure_row(row: dict, step, params, cfg, cuda: bool, reset=None) -> None:
+    def before():
+        for p in params:
+            p.grad = None
+
+    def backward(loss):
+        loss.backward()
+
+    for _ in range(cfg.warmup):
+        before()
+        backward(step())
+    t = time_steps(step, backward, cfg.iters, cuda, before)
+    before()
+    for p in params:                      # weight grads exist, as after the first step
+        p.grad = torch.zeros_like(p)
+    gc.collect()
+    if reset is not None:
+        reset()                           # the moved bytes of the memory step only
+    mem = measure_memory(step, backward, cuda)
+    row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,
+               act_bytes=mem.act_bytes, peak_bytes=mem.peak_bytes, base_bytes=mem.base_bytes,
+               peak_step_bytes=mem.peak_bytes - mem.base_bytes, memory_source=mem.source)
+
+
+def _figures_summary(f) -> dict:
+    return {"step_none_s": f.step_none_s, "act_none_bytes": f.act_none_bytes,
+            "d2h_Bps": f.d2h_Bps, "h2d_Bps": f.h2d_Bps,
+            "layer_fwd_s": [l.fwd_s for l in f.layers],
+            "extra_s": f.layers[0].extra_s,
+            "layer0_saved_bytes": {k: sum(v.values()) for k, v in f.layers[0].groups.items()}}
+
+
+def target_checks(rows: list) -> list:
+    """The issue's targets on this run: ``[{"target", "status", "detail"}]``."""
+    by = {r["strategy"]: r for r in rows if r["status"] == "ok"}
+    out = []
+
+    def add(target, ok, detail):
+        out.append({"target": target, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
+                    "detail": detail})
+
+    def txt(r):
+        return f"{r['strategy']}: time x {r['time_x']:.2f}, act x {r['act_x']:.3f}"
+
+    r = by.get("plan@checkpoint")
+    add("at checkpointing's memory: <= 1.10x none's time",
+        None if r is None else r["time_x"] <= 1.10 and r["act_bytes"] <= by["checkpoint"]["act_bytes"] * 1.02,
+        txt(r) if r else "row did not run")
+    r = by.get("plan@time")
+    add("at <= 1.03x none's time: <= 0.40x none's memory",
+        None if r is None else r["time_x"] <= 1.03 and r["act_x"] <= 0.40, txt(r) if r else "row did not run")
+    for peer in ("save_on_cpu+ckpt", "torchtune+ckpt"):
+        r = by.get(f"plan@{peer}")
+        add(f"at {peer}'s memory: <= 1.15x none's time",
+            None if r is None else r["time_x"] <= 1.15, txt(r) if r else "row did not run")
+    plans = [r for r in rows if r["status"] == "ok" and r.get("plan")]
+    bad = [r["strategy"] for r in plans
+           if abs(r["step_over_predicted"] - 1) > 0.05
+           or abs(r["act_bytes"] / max(r["plan"]["predicted_bytes"], 1) - 1) > 0.05]
+    add("predicted step time and memory within 5% of measured (every plan row)",
+        None if not plans else not bad, ", ".join(bad) or f"{len(plans)} rows")
+    nb = [r["strategy"] for r in plans if r.get("bitwise_equal") is not True]
+    add("gradients bitwise equal to none (every plan row)", None if not plans else not nb,
+        ", ".join(nb) or f"{len(plans)} rows")
+    return out
+
+
+def format_targets(checks: list) -> str:
+    """One line per target."""
+    return "\n".join(["targets (issue 11)"] + [f"  {c['status']:<5} {c['target']}: {c['detail']}"
+                                               for c in checks])
+
+
+def format_plans(rows: list) -> str:
+    """Each plan row's per-layer table (``MemoryPlan.describe``)."""
+    out = []
+    for r in rows:
+        if r["status"] == "ok" and r.get("plan"):
+            out.append(f"{r['strategy']}:\n{r['plan']['describe']}")
+    return "\n\n".join(out)

@@ -1,0 +1,259 @@
+"""Measure what the planner needs: saved bytes per layer and module kind, step and layer
+times, and the pinned copy bandwidth.
+
+Saved bytes are counted by saved-tensor hooks around one forward, deduplicated by storage
+(the engine moves a storage once).  Each storage is filed under its savers: the set of
+``(layer, kind)`` pairs whose modules saved it (the innermost classified module running
+when it was packed; :mod:`.modules`).  Not counted: parameters and module buffers (and
+views of them) and leaf inputs that require grad (the caller holds them: moving them frees
+nothing; :meth:`MemoryPlan.apply` marks them not-offload).  Storages below the engine's
+``min_offload_bytes`` are counted as unmovable.
+
+Times: CUDA events on the GPU (``perf_counter`` on the CPU) around the whole step and at
+each layer's forward boundaries.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .modules import layer_modules
+
+__all__ = ["SavedGroups", "StepTiming", "count_saved", "time_step", "pinned_bandwidth",
+           "activation_bytes_after_forward"]
+
+
+@dataclass
+class SavedGroups:
+    """Saved storages of one forward, grouped.
+
+    ``by_layer[i]``: ``{(kinds frozenset, movable): bytes}`` of storages saved only inside
+    layer ``i``; ``shared_bytes``: storages saved by several layers (never freed by one
+    layer's choice); ``outside_bytes``: saved outside every layer (embedding, LM head,
+    loss)."""
+    by_layer: List[Dict[tuple, int]]
+    shared_bytes: int = 0
+    outside_bytes: int = 0
+    shared_by_layer: List[Dict[tuple, int]] = field(default_factory=list)
+
+    def layer_total(self, i: int) -> int:
+        """Every byte layer ``i`` alone saved."""
+        return sum(self.by_layer[i].values())
+
+    @property
+    def total(self) -> int:
+        """Every counted byte."""
+        return sum(self.layer_total(i) for i in range(len(self.by_layer))) + \
+            self.shared_bytes + self.outside_bytes
+
+
+class _Locator:
+    """Forward hooks that keep ``(layer index, innermost kind)`` of the running code."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layer: Optional[int] = None
+        self.kinds: List[str] = []
+        self.handles = []
+        for i, layer in enumerate(layers):
+            self._hook(layer, lambda i=i: self._enter_layer(i), self._exit_layer)
+            for _, (m, kind) in layer_modules(layer).items():
+                self._hook(m, lambda kind=kind: self.kinds.append(kind), self._pop_kind)
+
+    def _hook(self, m, pre, post) -> None:
+        self.handles.append(m.register_forward_pre_hook(lambda mod, args: pre()))
+        self.handles.append(m.register_forward_hook(lambda mod, a, o: post(), always_call=True))
+
+    def _enter_layer(self, i: int) -> None:
+        self.layer, self.kinds = i, []
+
+    def _exit_layer(self) -> None:
+        self.layer, self.kinds = None, []
+
+    def _pop_kind(self) -> None:
+        if self.kinds:
+            self.kinds.pop()
+
+    def where(self) -> tuple:
+        return self.layer, (self.kinds[-1] if self.kinds else "other")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _fixed_storages(model: nn.Module) -> set:
+    out = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        try:
+            out.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            pass
+    return out
+
+
+def count_saved(model: nn.Module, layers: nn.ModuleList, step_fn: Callable[[], torch.Tensor],
+                min_offload_bytes: int) -> SavedGroups:
+    """One forward of ``step_fn`` under counting hooks -> :class:`SavedGroups`.  The graph
+    is freed before returning."""
+    fixed = _fixed_storages(model)
+    loc = _Locator(layers)
+    storages: Dict[tuple, list] = {}       # key -> [nbytes, savers set]
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and type(t) is torch.Tensor and t.layout == torch.strided:
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return t
+            ptr = st.data_ptr()
+            leaf_input = t.grad_fn is None and t.requires_grad
+            if ptr not in fixed and not leaf_input and not isinstance(t, nn.Parameter) \
+                    and st.nbytes() > 0:
+                entry = storages.setdefault((ptr, t.device), [st.nbytes(), set()])
+                entry[1].add(loc.where())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step_fn()
+        del loss
+    finally:
+        loc.remove()
+    groups = SavedGroups([dict() for _ in layers], shared_by_layer=[dict() for _ in layers])
+    for nbytes, savers in storages.values():
+        layer_ids = {l for l, _ in savers}
+        if layer_ids == {None}:
+            groups.outside_bytes += nbytes
+        elif len(layer_ids) > 1:
+            groups.shared_bytes += nbytes
+            for i in layer_ids - {None}:
+                key = (frozenset(k for l, k in savers if l == i), nbytes >= min_offload_bytes)
+                groups.shared_by_layer[i][key] = groups.shared_by_layer[i].get(key, 0) + nbytes
+        else:
+            (i,) = layer_ids
+            key = (frozenset(k for _, k in savers), nbytes >= min_offload_bytes)
+            groups.by_layer[i][key] = groups.by_layer[i].get(key, 0) + nbytes
+    gc.collect()
+    return groups
+
+
+@dataclass
+class StepTiming:
+    """Median seconds: ``fwd_s`` (step_fn), ``bwd_s`` (its backward), ``layer_fwd_s``
+    (each layer's forward), ``pre_s`` (start of forward to the first layer)."""
+    fwd_s: float
+    bwd_s: float
+    layer_fwd_s: List[float] = field(default_factory=list)
+    pre_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        """Forward plus backward."""
+        return self.fwd_s + self.bwd_s
+
+
+class _Clock:
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+def time_step(layers: nn.ModuleList, step_fn: Callable[[], torch.Tensor], iters: int,
+              warmup: int, cuda: bool, zero_grad: Callable[[], None]) -> StepTiming:
+    """``warmup`` untimed then ``iters`` timed steps (forward + ``loss.backward()``);
+    per-layer forward times from marks at each layer's forward boundaries."""
+    clock = _Clock(cuda)
+    marks: List[tuple] = []
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, i=i: marks.append(("in", i, clock.mark()))))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, o, i=i: marks.append(("out", i, clock.mark()))))
+    fwd, bwd, per_layer, pre = [], [], [], []
+    try:
+        for it in range(warmup + iters):
+            zero_grad()
+            marks.clear()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = clock.mark()
+            loss = step_fn()
+            t1 = clock.mark()
+            layer_marks = list(marks)     # recompute in backward may add more
+            loss.backward()
+            t2 = clock.mark()
+            if cuda:
+                torch.cuda.synchronize()
+            del loss
+            if it < warmup:
+                continue
+            fwd.append(clock.seconds(t0, t1))
+            bwd.append(clock.seconds(t1, t2))
+            starts = {i: m for kind, i, m in layer_marks if kind == "in"}
+            ends = {i: m for kind, i, m in layer_marks if kind == "out"}
+            per_layer.append([clock.seconds(starts[i], ends[i]) if i in starts and i in ends
+                              else 0.0 for i in range(len(layers))])
+            pre.append(clock.seconds(t0, starts[0]) if 0 in starts else 0.0)
+    finally:
+        for h in handles:
+            h.remove()
+    layer_fwd = [statistics.median(col) for col in zip(*per_layer)]
+    return StepTiming(statistics.median(fwd), statistics.median(bwd), layer_fwd,
+                      statistics.median(pre))
+
+
+def activation_bytes_after_forward(step_fn: Callable[[], torch.Tensor],
+                                   zero_grad: Callable[[], None]) -> int:
+    """CUDA: allocated after ``step_fn()`` minus before, from a clean state (the previous
+    graph freed, ``gc.collect()``, parameter grads allocated so they do not count)."""
+    zero_grad()
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    loss = step_fn()
+    torch.cuda.synchronize()
+    act = torch.cuda.memory_allocated() - base
+    loss.backward()
+    del loss
+    return int(act)
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> tuple:
+    """``(d2h_Bps, h2d_Bps)``: fastest of ``reps`` pinned copies each way after a warm-up."""
+    n = nbytes // 4
+    host = torch.empty(n, dtype=torch.float32, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.float32, device=device)
+    for _ in range(2):
+        dev.copy_(host, non_blocking=True)
+        host.copy_(dev, non_blocking=True)
+    torch.cuda.synchronize()
+    clock = _Clock(True)
+
+    def fastest(fn):
+        best = float("inf")
+        for _ in range(reps):
+            a = clock.mark()
+            fn()
+            b = clock.mark()
+            b.synchronize()
+            best = min(best, clock.seconds(a, b))
+        return best
+    d2h = fastest(lambda: host.copy_(dev, non_blocking=True))
+    h2d = fastest(lambda: dev.copy_(host, non_blocking=True))
+    return n * 4 / d2h, n * 4 / h2d

@@ -1,0 +1,255 @@
+"""Find a model's decoder layers, name the kind of each sub-module, and install the
+module-level recompute wrappers a plan uses.
+
+Kinds (:data:`KINDS`): ``attention``, ``norm``, ``router``, ``experts``, ``mlp`` (a dense
+MLP or the MoE block around router and experts) and ``other`` (what a layer saves
+outside any of those).  A saved tensor belongs to the *innermost* classified module
+running when it is saved.
+
+Recompute options (:data:`RECOMPUTE_OPTIONS`), per layer:
+
+- ``none``: nothing recomputed;
+- ``norms``: every norm module runs under ``torch.utils.checkpoint(use_reentrant=False)``
+  (it saves its input instead of its fp32 intermediates);
+- ``norms+fc1``: and every :class:`~moe_offload.ops.GroupedMLP` of the layer runs with
+  ``recompute="fc1"`` (saves only its input);
+- ``norms+experts``: and the experts module (not ours) is checkpointed;
+- ``norms+mlp``: and the whole MLP / MoE block (router included) is checkpointed;
+- ``layer``: the whole layer is checkpointed (only its inputs are saved).
+
+Wrappers replace ``module.forward`` by an instance attribute and :func:`remove` puts the
+previous one back, so the model is unchanged after a plan is removed.  Non-reentrant
+checkpoint runs the forward with grad, so values published from inside (HF's recorded
+router logits, ``MoE.aux_loss``) keep their graph: the router aux loss still trains.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["KINDS", "RECOMPUTE_OPTIONS", "find_layers", "classify", "layer_modules",
+           "options_for", "install_recompute", "Wrappers", "use_our_experts", "has_loss_function",
+           "install_loss_checkpoint"]
+
+KINDS = ("attention", "norm", "router", "experts", "mlp", "other")
+RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp", "layer")
+
+
+def use_our_experts(model: nn.Module) -> bool:
+    """Run ``model``'s experts with our grouped kernels when the transformers integration
+    (``moe_offload.integrations.transformers``) is importable; True when it switched.
+
+    The one place to retarget once that integration lands: it calls the integration's
+    ``use_grouped_experts(model)`` when it has one, else sets every config's
+    ``_experts_implementation = "moe_offload"`` (the registered name)."""
+    try:
+        from ..integrations import transformers as integ
+    except ImportError:
+        return False
+    fn = getattr(integ, "use_grouped_experts", None)
+    if fn is not None:
+        fn(model)
+        return True
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    if "moe_offload" not in ALL_EXPERTS_FUNCTIONS:
+        return False
+    switched = False
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_experts_implementation"):
+            cfg._experts_implementation = "moe_offload"
+            switched = True
+    return switched
+
+
+def _has_recompute_switch(m: nn.Module) -> bool:
+    """Ours: a ``GroupedMLP``, or an experts module exposing its ``recompute`` switch."""
+    from ..ops.grouped_mlp import GroupedMLP, RECOMPUTE_MODES
+    return isinstance(m, GroupedMLP) or getattr(m, "recompute", None) in RECOMPUTE_MODES
+
+
+def find_layers(model: nn.Module, layers=None) -> nn.ModuleList:
+    """The decoder-layer list of ``model``.
+
+    ``layers`` given: used as is (a ``ModuleList``/``Sequential``/list of modules).  Else
+    ``model.model.layers`` (Hugging Face decoders), ``model.layers``, ``model`` itself when
+    it is a ``ModuleList``, or the longest ``ModuleList`` found among its sub-modules."""
+    if layers is not None:
+        if isinstance(layers, (nn.ModuleList, nn.Sequential, list, tuple)) and len(layers) > 0 \
+                and all(isinstance(m, nn.Module) for m in layers):
+            return layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(list(layers))
+        raise TypeError("layers must be a non-empty ModuleList/Sequential/list of modules, got "
+                        f"{type(layers).__name__}")
+    if isinstance(model, nn.ModuleList) and len(model) > 0:
+        return model
+    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > (len(best) if best is not None else 0):
+            best = m
+    if best is None:
+        raise ValueError(f"plan_memory: no decoder-layer ModuleList found in "
+                         f"{type(model).__name__}; pass layers=")
+    return best
+
+
+def classify(name: str, module: nn.Module) -> Optional[str]:
+    """The kind of ``module`` (attribute ``name`` in its parent), or None."""
+    from ..ops.grouped_mlp import GroupedMLP
+    cls = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if isinstance(module, GroupedMLP):
+        return "experts"
+    if "norm" in cls and not isinstance(module, nn.ModuleList):
+        return "norm"
+    if "attention" in cls or leaf in ("self_attn", "attn", "attention", "cross_attn"):
+        return "attention"
+    if "router" in cls or "topk" in cls or leaf in ("gate", "router"):
+        return "router"
+    if "experts" in cls or leaf == "experts":
+        return "experts"
+    if "moe" in cls or "sparse" in cls or "mlp" in cls or leaf in (
+            "mlp", "moe", "block_sparse_moe", "feed_forward", "ffn"):
+        return "mlp"
+    return None
+
+
+def layer_modules(layer: nn.Module) -> Dict[str, tuple]:
+    """``{qualified name: (module, kind)}`` of the classified sub-modules of ``layer``
+    (the inside of a norm or of an experts module is not searched)."""
+    out = {}
+
+    def walk(prefix: str, mod: nn.Module):
+        for name, child in mod.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            kind = classify(full, child)
+            if kind is not None:
+                out[full] = (child, kind)
+            if kind not in ("norm", "experts"):
+                walk(full, child)
+    walk("", layer)
+    return out
+
+
+def options_for(layer: nn.Module) -> List[str]:
+    """The recompute options that apply to ``layer`` (``none`` and ``layer`` always)."""
+    kinds = {k: [] for k in KINDS}
+    for _, (m, kind) in layer_modules(layer).items():
+        kinds[kind].append(m)
+    opts = ["none"]
+    if kinds["norm"]:
+        opts.append("norms")
+        if any(_has_recompute_switch(m) for m in kinds["experts"]):
+            opts.append("norms+fc1")
+        if any(not _has_recompute_switch(m) for m in kinds["experts"]):
+            opts.append("norms+experts")
+        if kinds["mlp"]:
+            opts.append("norms+mlp")
+    elif any(_has_recompute_switch(m) for m in kinds["experts"]):
+        opts.append("norms+fc1")       # no norms: fc1 recompute alone
+    opts.append("layer")
+    return opts
+
+
+def _ckpt_forward(inner: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return inner(*args, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+class Wrappers:
+    """What :func:`install_recompute` changed; :meth:`remove` undoes it."""
+
+    def __init__(self) -> None:
+        self._forwards = []          # (module, had instance forward, previous value)
+        self._attrs = []             # (module, attribute, previous value)
+
+    def checkpoint_module(self, module: nn.Module) -> None:
+        """Run ``module``'s forward under non-reentrant ``torch.utils.checkpoint``."""
+        had = "forward" in module.__dict__
+        prev = module.__dict__.get("forward")
+        module.forward = functools.partial(_ckpt_forward, module.forward)
+        self._forwards.append((module, had, prev))
+
+    def set_attr(self, module: nn.Module, name: str, value) -> None:
+        """Set ``module.name = value`` until :meth:`remove`."""
+        self._attrs.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
+    def checkpoint_loss(self, model: nn.Module) -> None:
+        """Run a Hugging Face model's ``loss_function`` under non-reentrant checkpoint."""
+        had = "_loss_function" in model.__dict__
+        prev = model.__dict__.get("_loss_function")
+        model.loss_function = functools.partial(_ckpt_forward, model.loss_function)
+        self._loss = (model, had, prev)
+
+    def remove(self) -> None:
+        """Restore every forward and attribute (last change first)."""
+        loss = getattr(self, "_loss", None)
+        if loss is not None:
+            model, had, prev = loss
+            if had:
+                model._loss_function = prev
+            else:
+                del model._loss_function
+            self._loss = None
+        for module, name, prev in reversed(self._attrs):
+            setattr(module, name, prev)
+        for module, had, prev in reversed(self._forwards):
+            if had:
+                module.forward = prev
+            else:
+                del module.forward
+        self._attrs.clear()
+        self._forwards.clear()
+
+
+def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None:
+    """Install recompute ``option`` on ``layer`` (see the module docstring)."""
+    if option not in RECOMPUTE_OPTIONS:
+        raise ValueError(f"unknown recompute option {option!r}; expected one of {RECOMPUTE_OPTIONS}")
+    if option == "none":
+        return
+    if option == "layer":
+        wrappers.checkpoint_module(layer)
+        return
+    mods = layer_modules(layer)
+    for _, (m, kind) in mods.items():
+        if kind == "norm":
+            wrappers.checkpoint_module(m)
+    for _, (m, kind) in mods.items():
+        if option == "norms+fc1" and kind == "experts" and _has_recompute_switch(m):
+            wrappers.set_attr(m, "recompute", "fc1")
+        elif option == "norms+experts" and kind == "experts" and not _has_recompute_switch(m):
+            wrappers.checkpoint_module(m)
+    if option == "norms+mlp":
+        tops = [m for name, (m, kind) in mods.items() if kind == "mlp"
+                and not any(name.startswith(o + ".") for o, (_, k) in mods.items() if k == "mlp")]
+        for m in tops:
+            wrappers.checkpoint_module(m)
+
+
+def has_loss_function(model: nn.Module) -> bool:
+    """True for a Hugging Face model whose loss is ``model.loss_function`` (settable)."""
+    cls_attr = getattr(type(model), "loss_function", None)
+    return isinstance(cls_attr, property) and cls_attr.fset is not None
+
+
+def install_loss_checkpoint(model: nn.Module, wrappers: Wrappers) -> None:
+    """Checkpoint the loss (HF ``loss_function``): it saves the bf16 logits instead of the
+    fp32 log-softmax output (half the bytes; the recompute is one log-softmax)."""
+    if not has_loss_function(model):
+        raise ValueError(f"{type(model).__name__} has no settable loss_function")
+    wrappers.checkpoint_loss(model)

@@ -1,0 +1,96 @@
+"""The real-model benchmark (--model qwen3) on CPU: a tiny Qwen3-MoE, peers and plans."""
+import json
+
+import pytest
+import torch
+
+from moe_offload.__main__ import main
+from moe_offload.bench.config import build_parser, config_from_args
+from moe_offload.bench.peers import install_peer, sac_policy_ops
+from moe_offload.bench.real_model import QWEN3_TINY, build_qwen3, real_rows, target_checks
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(argv):
+    parser = build_parser()
+    args = parser.parse_args(["bench", *argv])
+    return config_from_args(args, parser.subcommand_parsers["bench"], known_strategies=["none"])
+
+
+def test_model_defaults_to_qwen3_unless_a_synthetic_flag_is_given():
+    assert _cfg(["--device", "cpu"]).model == "qwen3"
+    assert _cfg(["--device", "cpu"]).seq == 64
+    assert _cfg(["--device", "cpu", "-T", "64"]).model == "mlp"
+    assert _cfg(["--device", "cpu", "--preset", "tiny"]).model == "mlp"
+    assert _cfg(["--device", "cpu", "--seq", "128"]).seq == 128
+    with pytest.raises(SystemExit):
+        _cfg(["--device", "cpu", "--model", "mlp", "--seq", "128"])
+
+
+def test_qwen3_run_prints_table_plans_and_targets(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rc = main(["bench", "--device", "cpu", "-L", "2", "--seq", "32", "--iters", "1", "--warmup", "0",
+               "--strategies", "none,checkpoint,plan@checkpoint,plan@time", "--json", str(path),
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "model qwen3" in out and "targets (issue 11)" in out and "MemoryPlan: 2 layers" in out
+    rows = {r["strategy"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"none", "checkpoint", "plan@checkpoint", "plan@time"}
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r["note"])
+        assert r["bitwise_equal"] is True, name
+    plan = rows["plan@checkpoint"]["plan"]
+    assert plan["predicted_bytes"] <= plan["budget_bytes"] == rows["checkpoint"]["act_bytes"]
+    assert rows["plan@checkpoint"]["step_over_predicted"] > 0
+
+
+def test_peers_are_bitwise_and_removed():
+    model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    params = list(model.parameters())
+
+    def grads(step):
+        for p in params:
+            p.grad = None
+        step().backward()
+        return [p.grad.clone() for p in params]
+    base = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    ref = grads(base)
+    for name in ("checkpoint", "sac", "save_on_cpu+ckpt"):
+        inst = install_peer(name, model, model.model.layers, cuda=False)
+        try:
+            got = grads(inst.wrap(base))
+        finally:
+            inst.remove()
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), name
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not getattr(model, "is_activation_checkpointing", False)
+    assert torch.ops.aten.mm.default in sac_policy_ops()
+
+
+def test_rows_and_targets():
+    names = [r.name for r in real_rows(torchtune=False)]
+    assert names[:4] == ["none", "checkpoint", "sac", "save_on_cpu+ckpt"]
+    assert "plan@half-sac" in names and "plan@time" in names and not any("torchtune" in n for n in names)
+    rows = [
+        {"strategy": "checkpoint", "status": "ok", "act_bytes": 100, "time_x": 1.3, "act_x": 0.14},
+        {"strategy": "plan@checkpoint", "status": "ok", "act_bytes": 99, "time_x": 1.08, "act_x": 0.139,
+         "step_s": 1.0, "step_over_predicted": 1.02, "plan": {"predicted_bytes": 97}, "bitwise_equal": True},
+        {"strategy": "plan@time", "status": "ok", "act_bytes": 60, "time_x": 1.05, "act_x": 0.3,
+         "step_over_predicted": 1.2, "plan": {"predicted_bytes": 60}, "bitwise_equal": False},
+    ]
+    got = {c["target"].split(":")[0]: c["status"] for c in target_checks(rows)}
+    assert got["at checkpointing's memory"] == "PASS"
+    assert got["at <= 1.03x none's time"] == "FAIL"
+    assert got["at save_on_cpu+ckpt's memory"] == "n/a"
+    assert got["predicted step time and memory within 5% of measured (every plan row)"] == "FAIL"
+    assert got["gradients bitwise equal to none (every plan row)"] == "FAIL"

@@ -1,0 +1,87 @@
+"""The planner's cost model on hand-made figures (pure Python)."""
+import pytest
+
+from moe_offload.offload import release_lag
+from moe_offload.plan.solve import (Choice, LayerFigures, ModelFigures, moved_bytes, predict,
+                                    refine, resident_bytes, search)
+
+ATT, MLP, NORM = frozenset({"attention"}), frozenset({"experts"}), frozenset({"norm"})
+
+
+def figures(L=4, fwd=1.0, bw=100.0, norm_extra=0.1):
+    """Each layer: 1 s forward, 2 s backward; saves attention 50 B, experts 100 B, norms 80 B
+    (20 B unmovable); with norms recomputed the norms save 30 B instead."""
+    none = {(ATT, True): 50, (MLP, True): 100, (NORM, True): 80, (NORM, False): 20}
+    norms = {(ATT, True): 50, (MLP, True): 100, (NORM, True): 30, (NORM, False): 20}
+    layers = [LayerFigures(fwd, 2 * fwd, {"norms": norm_extra}, {"none": none, "norms": norms})
+              for _ in range(L)]
+    return ModelFigures(layers, 0.0, 0.0, 0.0, 0.0, act_none_bytes=L * 250 + 1000,
+                        d2h_Bps=bw, h2d_Bps=bw)
+
+
+def test_resident_and_moved_by_level():
+    g = {(ATT, True): 50, (MLP, True): 100, (NORM, True): 80, (NORM, False): 20,
+         (ATT | NORM, True): 7}
+    assert resident_bytes(g, 0) == 257 and moved_bytes(g, 0) == 0
+    # level 1 moves attention; a storage also saved by a norm moves but is not freed
+    assert moved_bytes(g, 1) == 57 and resident_bytes(g, 1) == 207
+    assert moved_bytes(g, 2) == 157 and resident_bytes(g, 2) == 107
+    assert moved_bytes(g, 3) == 237 and resident_bytes(g, 3) == 20
+
+
+def test_no_plan_predicts_the_measured_baseline():
+    f = figures()
+    p = predict(f, [Choice()] * 4, release_lag)
+    assert p.step_s == pytest.approx(f.step_none_s) == pytest.approx(12.0)
+    assert p.act_bytes == f.act_none_bytes and p.offloaded_layers == 0
+
+
+def test_copies_inside_the_window_are_free_and_beyond_it_cost():
+    f = figures(bw=100.0)   # one layer's 1 s forward hides 100 B
+    hidden = predict(f, [Choice("none", 1)] * 2 + [Choice()] * 2, release_lag)
+    assert hidden.step_s == pytest.approx(12.0) and hidden.act_bytes == f.act_none_bytes - 100
+    slow = predict(figures(bw=10.0), [Choice("none", 3)] * 3 + [Choice()], release_lag)
+    # 3 x 230 B at 10 B/s: the D2H stream needs 69 s, the forward ends when it is done
+    assert slow.fwd_s == pytest.approx(69.0, rel=1e-6)
+    assert slow.step_s > 69.0 + 8.0
+
+
+def test_release_lag_makes_compute_wait():
+    """Layers 0-1 offload 230 B each at 50 B/s (4.6 s per layer); the engine's lag is
+    max(2, 4 - 2) = 2: layer 2 waits for layer 0's copies (4.6 s), layer 3 for layer 1's
+    (9.2 s), so the forward ends at 10.2 s, not at the copies' 9.2 s."""
+    f = figures(L=4, bw=50.0)
+    p = predict(f, [Choice("none", 3)] * 2 + [Choice()] * 2, release_lag, prefetch_layers=1)
+    assert p.fwd_s == pytest.approx(10.2)
+
+
+def test_recompute_adds_its_extra_and_saves_bytes():
+    f = figures(norm_extra=0.5)
+    p = predict(f, [Choice("norms", 0)] * 4, release_lag)
+    assert p.step_s == pytest.approx(12.0 + 4 * 0.5)
+    assert p.act_bytes == f.act_none_bytes - 4 * 50
+
+
+def test_search_covers_mixes_and_prefetch():
+    f = figures(bw=100.0)
+    cands = search(f, release_lag)
+    mixes = {c.choices for c in cands}
+    assert (Choice("norms", 2),) * 2 + (Choice(),) * 2 in mixes
+    assert all(c.prefetch_layers >= 1 for c in cands if c.offloaded_layers)
+    fastest_small = min((c for c in cands if c.act_bytes <= f.act_none_bytes - 400),
+                        key=lambda c: c.step_s)
+    assert fastest_small.step_s < 12.0 + 4 * 0.1 + 1e-9
+
+
+def test_refine_improves_one_layer_at_a_time():
+    """From the no-plan start, a budget of 250 B less than none is met by the cheapest
+    per-layer changes: refine reaches it and never leaves the budget."""
+    f = figures(bw=1e-3)          # offload is hopeless: only recompute can save bytes
+    start = predict(f, [Choice("norms", 0)] * 4, release_lag)
+    budget = f.act_none_bytes - 150
+
+    def fits(p):
+        return p.act_bytes <= budget
+    got = refine(f, start, release_lag, lambda a, b: (a.step_s, a.act_bytes) < (b.step_s, b.act_bytes), fits)
+    assert fits(got) and got.step_s < start.step_s
+    assert sum(c.recompute == "norms" for c in got.choices) == 3     # 3 x 50 B = 150 B
