@@ -40,39 +40,35 @@ RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp",
 
 
 def use_our_experts(model: nn.Module) -> bool:
-    """Run ``model``'s experts with our grouped kernels when the transformers integration
-    (``moe_offload.integrations.transformers``) is importable; True when it switched.
+    """Run an HF ``model``'s experts on our fused grouped MLP (the transformers integration's
+    :func:`~moe_offload.integrations.transformers.use_moe_offload_experts`); True when it
+    switched, False when transformers is missing or the model has no supported experts."""
+    try:
+        from ..integrations.transformers import use_moe_offload_experts
+    except ImportError:
+        return False
+    try:
+        use_moe_offload_experts(model)
+    except ValueError:
+        return False
+    return True
 
-    The one place to retarget once that integration lands: it calls the integration's
-    ``use_grouped_experts(model)`` when it has one, else sets every config's
-    ``_experts_implementation = "moe_offload"`` (the registered name)."""
+
+def _recompute_attr(m: nn.Module) -> Optional[str]:
+    """The attribute holding ``m``'s recompute switch (``"activation"``/``"fc1"``): ours
+    (``GroupedMLP.recompute``) or an HF experts module running our implementation."""
+    from ..ops.grouped_mlp import GroupedMLP
+    if isinstance(m, GroupedMLP):
+        return "recompute"
     try:
-        from ..integrations import transformers as integ
+        from ..integrations.transformers import RECOMPUTE_ATTR, runs_moe_offload
     except ImportError:
-        return False
-    fn = getattr(integ, "use_grouped_experts", None)
-    if fn is not None:
-        fn(model)
-        return True
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        return False
-    if "moe_offload" not in ALL_EXPERTS_FUNCTIONS:
-        return False
-    switched = False
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_experts_implementation"):
-            cfg._experts_implementation = "moe_offload"
-            switched = True
-    return switched
+        return None
+    return RECOMPUTE_ATTR if runs_moe_offload(m) else None
 
 
 def _has_recompute_switch(m: nn.Module) -> bool:
-    """Ours: a ``GroupedMLP``, or an experts module exposing its ``recompute`` switch."""
-    from ..ops.grouped_mlp import GroupedMLP, RECOMPUTE_MODES
-    return isinstance(m, GroupedMLP) or getattr(m, "recompute", None) in RECOMPUTE_MODES
+    return _recompute_attr(m) is not None
 
 
 def find_layers(model: nn.Module, layers=None) -> nn.ModuleList:
@@ -169,6 +165,9 @@ def _ckpt_forward(inner: Callable, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
+_MISSING = object()
+
+
 class Wrappers:
     """What :func:`install_recompute` changed; :meth:`remove` undoes it."""
 
@@ -185,7 +184,7 @@ class Wrappers:
 
     def set_attr(self, module: nn.Module, name: str, value) -> None:
         """Set ``module.name = value`` until :meth:`remove`."""
-        self._attrs.append((module, name, getattr(module, name)))
+        self._attrs.append((module, name, getattr(module, name, _MISSING)))
         setattr(module, name, value)
 
     def checkpoint_loss(self, model: nn.Module) -> None:
@@ -206,7 +205,10 @@ class Wrappers:
                 del model._loss_function
             self._loss = None
         for module, name, prev in reversed(self._attrs):
-            setattr(module, name, prev)
+            if prev is _MISSING:
+                delattr(module, name)
+            else:
+                setattr(module, name, prev)
         for module, had, prev in reversed(self._forwards):
             if had:
                 module.forward = prev
@@ -231,7 +233,7 @@ def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None
             wrappers.checkpoint_module(m)
     for _, (m, kind) in mods.items():
         if option == "norms+fc1" and kind == "experts" and _has_recompute_switch(m):
-            wrappers.set_attr(m, "recompute", "fc1")
+            wrappers.set_attr(m, _recompute_attr(m), "fc1")
         elif option == "norms+experts" and kind == "experts" and not _has_recompute_switch(m):
             wrappers.checkpoint_module(m)
     if option == "norms+mlp":

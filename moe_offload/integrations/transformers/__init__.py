@@ -8,11 +8,11 @@ Two one-liners:
 - ``handle = offload(model)``: offload the activations of the decoder layers with our
   engine, alone or with ``model.gradient_checkpointing_enable()`` (:mod:`.offload`).
 """
-from .experts import (IMPLEMENTATION, RECIPES, ExpertsSpec, inspect_experts,
+from .experts import (IMPLEMENTATION, RECIPES, RECOMPUTE_ATTR, runs_moe_offload, ExpertsSpec, inspect_experts,
                       moe_offload_experts_forward, register, set_recipe,
                       use_moe_offload_experts)
 from .offload import OffloadHandle, find_decoder_layers, offload
 
-__all__ = ["IMPLEMENTATION", "RECIPES", "ExpertsSpec", "inspect_experts",
+__all__ = ["IMPLEMENTATION", "RECIPES", "RECOMPUTE_ATTR", "runs_moe_offload", "ExpertsSpec", "inspect_experts",
            "moe_offload_experts_forward", "register", "set_recipe", "use_moe_offload_experts",
            "offload", "OffloadHandle", "find_decoder_layers"]

@@ -66,7 +66,7 @@ RECOMPUTE_MODES = ("activation", "fc1")      # GroupedMLP's recompute modes
 
 # Attributes we set on HF experts modules (plain Python attributes: not in state_dict).
 _RECIPE_ATTR = "moe_offload_recipe"
-_RECOMPUTE_ATTR = "moe_offload_recompute"
+RECOMPUTE_ATTR = "moe_offload_recompute"   # the recompute switch on an HF experts module
 _SPEC_ATTR = "_moe_offload_spec"
 
 
@@ -165,7 +165,7 @@ def moe_offload_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     """
     spec = _spec(self)
     recipe = getattr(self, _RECIPE_ATTR, None)
-    recompute = getattr(self, _RECOMPUTE_ATTR, "activation")
+    recompute = getattr(self, RECOMPUTE_ATTR, "activation")
     w1 = self.gate_up_proj if self.has_gate else self.up_proj
     b1 = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if spec.has_bias else None
     w2, b2 = self.down_proj, (self.down_proj_bias if spec.has_bias else None)
@@ -191,6 +191,14 @@ def register() -> None:
     _hf_moe().ExpertsInterface.register(IMPLEMENTATION, moe_offload_experts_forward)
 
 
+def runs_moe_offload(module: nn.Module) -> bool:
+    """True for an HF experts module whose forward dispatches to ``"moe_offload"`` (its
+    ``RECOMPUTE_ATTR`` attribute then selects what backward recomputes)."""
+    cfg = getattr(module, "config", None)
+    return (hasattr(module, "has_gate") and hasattr(module, "down_proj")
+            and getattr(cfg, "_experts_implementation", None) == IMPLEMENTATION)
+
+
 def _experts_modules(model: nn.Module):
     return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_concatenated")
             and hasattr(m, "down_proj")]
@@ -211,7 +219,7 @@ def set_recipe(model: nn.Module, recipe: Optional[str] = None, recompute: str = 
     mods = _experts_modules(model)
     for m in mods:
         setattr(m, _RECIPE_ATTR, recipe)
-        setattr(m, _RECOMPUTE_ATTR, recompute)
+        setattr(m, RECOMPUTE_ATTR, recompute)
     return len(mods)
 
 
