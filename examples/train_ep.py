@@ -129,7 +129,11 @@ def main(argv: Optional[List[str]] = None) -> List[float]:
     for blk in model.blocks:
         fully_shard(blk, ignored_params=set(blk.moe.experts.parameters()))
     fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    # Two groups: FSDP2's DTensor parameters and the EP experts' plain tensors cannot share
+    # one foreach (multi-tensor) kernel call on CUDA.
+    expert_ids = {id(p) for p in experts}
+    dense = [p for p in model.parameters() if id(p) not in expert_ids]
+    opt = torch.optim.AdamW([{"params": dense}, {"params": experts, "foreach": False}], lr=args.lr)
     handle = None
     if not args.no_offload:
         handle = offload_module_list(model.blocks, num_layers=args.layers - 1,
