@@ -7,8 +7,9 @@ Steps (all on the device):
 
 1. ``logits = router(x)``; ``P = softmax(logits)`` over all experts in fp32;
    ``p, e = topk(P, k)``; with ``normalize_topk`` ``p /= p.sum(-1)``.
-2. Sort the ``S`` slots by expert (stable ``argsort`` of ``e``); the group end offsets
-   are ``searchsorted(sorted e, 0..E-1, right=True)``, so no count is read back.
+2. Sort the ``S`` slots by expert (:func:`~moe_offload.ops.routing.sort_by_expert`: stable
+   ``argsort`` of ``e``; the group end offsets are ``searchsorted(sorted e, 0..E-1,
+   right=True)``, so no count is read back).
 3. ``GroupedMLP`` on the gathered copies, with the sorted ``p`` as ``probs``.
 4. Put each copy back in slot order (``index_copy_``, unique indices) and sum the ``k``
    copies of a token.  Gather/scatter with unique indices only, so forward and
@@ -22,45 +23,9 @@ import torch
 from torch import nn
 
 from .checks import check_int
-from .grouped_mlp import GroupedMLP
+from .routing import permute, permute_probs, sort_by_expert, unpermute
 
 __all__ = ["MoE", "load_balancing_loss"]
-
-
-class _Permute(torch.autograd.Function):
-    """``x_TH[order // k]`` -> ``(S, H)``; backward sums the ``k`` copies deterministically."""
-
-    @staticmethod
-    def forward(ctx, x_TH, order_S, k: int):
-        ctx.save_for_backward(order_S)
-        ctx.k = k
-        return x_TH.index_select(0, order_S // k)
-
-    @staticmethod
-    def backward(ctx, d_xs_SH):
-        (order_S,) = ctx.saved_tensors
-        return _unpermute(d_xs_SH, order_S, ctx.k), None, None
-
-
-def _unpermute(y_SH, order_S, k: int):
-    S, H = y_SH.shape
-    slots_SH = torch.empty_like(y_SH).index_copy_(0, order_S, y_SH)
-    return slots_SH.view(S // k, k, H).sum(1)
-
-
-class _Unpermute(torch.autograd.Function):
-    """Sum of the ``k`` expert outputs of each token -> ``(T, H)``."""
-
-    @staticmethod
-    def forward(ctx, y_SH, order_S, k: int):
-        ctx.save_for_backward(order_S)
-        ctx.k = k
-        return _unpermute(y_SH, order_S, k)
-
-    @staticmethod
-    def backward(ctx, d_out_TH):
-        (order_S,) = ctx.saved_tensors
-        return d_out_TH.index_select(0, order_S // ctx.k), None, None
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -194,14 +159,10 @@ class MoE(nn.Module):
         attach = self.attach_aux_loss and self.aux_loss_coef != 0 and aux.requires_grad
         self.aux_loss = (aux.detach() if self.attach_aux_loss else aux) * self.aux_loss_coef
 
-        e_S = e_Tk.reshape(-1)
-        order_S = torch.argsort(e_S, stable=True)
-        sorted_e_S = e_S.index_select(0, order_S)
-        offs_E = torch.searchsorted(sorted_e_S, torch.arange(E, device=x.device, dtype=e_S.dtype),
-                                    right=True).to(torch.int32)
-        xs_SH = _Permute.apply(x_TH, order_S, k)
-        ps_S = p_Tk.reshape(-1).index_select(0, order_S)
+        order_S, offs_E = sort_by_expert(e_Tk, E)
+        xs_SH = permute(x_TH, order_S, k)
+        ps_S = permute_probs(p_Tk, order_S)
         ys_SH = self.experts.forward_offsets(xs_SH, offs_E, ps_S, covered=True)
         if attach:
             ys_SH = _AttachAuxLoss.apply(ys_SH, aux, float(self.aux_loss_coef))
-        return _Unpermute.apply(ys_SH, order_S, k).view(x.shape)
+        return unpermute(ys_SH, order_S, k).view(x.shape)
