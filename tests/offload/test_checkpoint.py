@@ -407,6 +407,28 @@ def test_saved_inputs_outlive_the_saver_output_torch_2_11(offload):
     assert_bitwise(run(False), run(True))
 
 
+def test_parameter_only_branch_and_a_grad_that_never_reaches_the_inputs():
+    """Nodes of ``fn`` whose saved tensors come from parameters only, run first (a grad
+    for those parameters alone, which runs no node between the output and the inputs):
+    the recomputation still finds the inputs, here and in a full backward after it."""
+    w, v = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+    x0 = torch.randn(4, 8)
+
+    def fn(x):
+        return (x @ w).sin() + torch.tanh(v) * v.exp()
+
+    def run(ck):
+        x = x0.clone().requires_grad_()
+        with _torch_2_11_node_lifetime() as free_orphans:
+            y = offloaded_checkpoint(fn, x) if ck else fn(x)
+            free_orphans()
+            loss = y.square().sum()
+            return (list(torch.autograd.grad(loss, [v], retain_graph=True))
+                    + list(torch.autograd.grad(loss, [x, w, v])))
+
+    assert_bitwise(run(False), run(True))
+
+
 # -------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 def test_cuda_moe_stack_offload_plus_checkpoint_bitwise_and_only_inputs_move():
