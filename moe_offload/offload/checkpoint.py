@@ -13,9 +13,9 @@ our own code):
   tuples, lists and dicts) are saved by a no-op autograd function,
   :class:`_InputSaver`, under the hooks active at the call -- the offload engine's when
   ``offloaded_checkpoint`` runs inside its context.  So the inputs are the only bytes
-  that travel, and nothing else holds them: the frame keeps the saver's graph node, whose
-  saved values are whatever the outer hooks packed (a host copy when offloaded), and
-  reads them back through that node at recompute time.
+  that travel, and nothing else holds them: the saver node's saved values are whatever
+  the outer hooks packed (a host copy when offloaded), read back through that node at
+  recompute time.
 - **Backward.** The first unpack of a holder whose value is missing recomputes ``fn``
   once: inputs read back through the saver node, the CPU and CUDA RNG states captured
   before the forward restored (so dropout masks match), the forward's autocast state
@@ -28,6 +28,33 @@ our own code):
   shape/dtype/device, raises ``torch.utils.checkpoint.CheckpointError`` (torch's own
   class).  A second backward without ``retain_graph`` raises autograd's usual error
   (the holders were released with the graph's buffers).
+- **Lifetime rule.** The saver's saved inputs live exactly as long as the frame, and
+  the frame as long as any tensor ``fn`` saved is still held by the graph:
+
+  * The frame owns the saver's *output* (an empty CPU tensor), and a tensor owns its
+    ``grad_fn``.  Holding only the node's Python object (``out.grad_fn``) is not enough:
+    in torch 2.11 (and the other releases from before the Python object of a custom
+    function owned its node) that object holds its node weakly, so the node died with
+    its output tensor right after the forward and freed its saved tensors on the way;
+    the recomputation then raised "backward through the graph a second time".  torch
+    2.13 made the Python object own its node, which hid this on 2.13.
+  * The saver node is never run: its output feeds nothing, so no backward -- with or
+    without ``retain_graph``, through ``backward`` or through ``torch.autograd.grad``
+    of any subset of inputs -- reaches it, and the engine never releases its saved
+    values.  So whichever order the engine runs ``fn``'s nodes in (the CPU thread and
+    each device thread keep their own ready queues), the inputs are still there when
+    the first unpack recomputes.
+  * The frame is referenced only by the unpack hooks of the holders, i.e. by the
+    SavedVariables of ``fn``'s nodes.  A backward without ``retain_graph`` releases each
+    node's saved values after it runs; once the last of them is gone (or the graph is
+    dropped, or a partial ``autograd.grad`` leaves the unrun nodes to be dropped with
+    it), the frame, the saver's output, the saver node and the (offloaded) inputs go
+    together.  With ``retain_graph=True`` the holders stay, so does the frame, and a
+    second backward recomputes from the same inputs.
+  * No cycle: the saver's saved values (the inputs, or the outer hooks' packed
+    handles) reference only the graph *before* the call, never ``fn``'s nodes; for a
+    nested checkpoint, the inner saver's saved values are outer holders, which point
+    at the outer frame, never the other way.
 
 Nested checkpoints work as torch's do: an inner checkpoint's inputs are saved by its
 saver under the outer checkpoint's holders, so reading them recomputes the outer
@@ -107,8 +134,9 @@ def _autocast_contexts(state: list) -> contextlib.ExitStack:
 # -------------------------------------------------------------------- the pieces
 class _InputSaver(torch.autograd.Function):
     """No-op whose only job is ``save_for_backward(*inputs)`` under the hooks active at
-    the call (the offload engine's, when one is).  Its output is dropped and its backward
-    never runs: the frame keeps the node and reads ``node.saved_tensors`` to recompute.
+    the call (the offload engine's, when one is).  Its output feeds nothing, so its
+    backward never runs: the frame keeps the output -- which owns the node, in every
+    torch version -- and reads ``output.grad_fn.saved_tensors`` to recompute.
     ``anchor`` (an empty tensor that requires grad) makes autograd create the node even
     when no input requires grad."""
 
@@ -146,8 +174,9 @@ def _meta(t: torch.Tensor) -> tuple:
 class _Frame:
     """One call of :func:`offloaded_checkpoint`: what the recomputation needs.
 
-    Held only by the hooks of the tensors ``fn`` saved, so it (and through the saver node
-    the offloaded inputs) is freed with the graph's buffers."""
+    Held only by the hooks of the tensors ``fn`` saved, so it (and through the saver's
+    output, its node and the offloaded inputs) is freed with the graph's buffers: see
+    "Lifetime rule" in the module docstring."""
 
     def __init__(self, fn: Callable, template: Any, tensors: List[torch.Tensor]):
         self.fn, self.template = fn, template
@@ -159,7 +188,9 @@ class _Frame:
         self.devices, self.device_states = get_device_states(*tensors) if self.had_cuda else ([], [])
         self.autocast = _autocast_state()
         anchor = torch.empty(0, requires_grad=True)
-        self.saver = _InputSaver.apply(anchor, *tensors).grad_fn
+        # The output, not just its grad_fn: in torch 2.11 ``grad_fn`` holds the node
+        # weakly, and the node frees the saved inputs when its output dies.
+        self.saved = _InputSaver.apply(anchor, *tensors)
 
     # -- forward: fn's saves become holders
     def pack(self, t: torch.Tensor) -> _Holder:
@@ -180,7 +211,7 @@ class _Frame:
             raise RuntimeError("offloaded_checkpoint: a backward inside the checkpointed function "
                                "(through a tensor it saved) is not supported; use "
                                "torch.utils.checkpoint for that function")
-        args, kwargs = _fill(self.template, self.saver.saved_tensors)
+        args, kwargs = _fill(self.template, self.saved.grad_fn.saved_tensors)
         count = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """``offloaded_checkpoint``: non-reentrant semantics, inputs through the offload engine."""
+import contextlib
 import functools
 import gc
 import weakref
@@ -339,6 +340,93 @@ def test_nothing_outlives_the_step():
         for l in layers:
             l.zero_grad(set_to_none=True)
     assert live_bytes() == before
+
+
+# ------------------------------------------- custom-function node lifetime (torch 2.11)
+@contextlib.contextmanager
+def _torch_2_11_node_lifetime():
+    """Give custom-function nodes made inside the block the lifetime they have in torch
+    2.11, where a node's Python object (``out.grad_fn``) holds the node only weakly: the
+    node dies with its outputs and frees its saved tensors, so a later
+    ``.saved_tensors`` raises autograd's "backward through the graph a second time"
+    (torch 2.13 made the Python object own its node).  Yields ``free_orphans()``, which
+    frees the saved tensors of each such node whose outputs are all gone, by running the
+    node once without ``retain_graph`` -- the same release."""
+    original = torch.autograd.Function.__dict__["apply"]
+    records = []
+
+    def apply(cls, *args, **kwargs):
+        out = original.__func__(cls, *args, **kwargs)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,))
+                if isinstance(o, torch.Tensor)]
+        node = next((o.grad_fn for o in outs if o.grad_fn is not None), None)
+        if node is not None:
+            probe = sum(o.sum() for o in outs if o.grad_fn is node)   # the node, not `outs`
+            wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            records.append(([weakref.ref(o) for o in outs], probe, wrt))
+        return out
+
+    def free_orphans():
+        for refs, probe, wrt in records:
+            if all(r() is None for r in refs):
+                torch.autograd.grad(probe, wrt, allow_unused=True)
+        records.clear()
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield free_orphans
+    finally:
+        torch.autograd.Function.apply = original
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_saved_inputs_outlive_the_saver_output_torch_2_11(offload):
+    """GPU run on torch 2.11: every backward through ``offloaded_checkpoint`` raised
+    "backward through the graph a second time" reading the saved inputs, because the
+    frame kept only the saver's ``grad_fn`` and the node died with the saver's output.
+    With 2.11's node lifetime emulated, grads are bitwise those of the plain run, also
+    for a second backward (``retain_graph``) and a partial ``autograd.grad``."""
+    layers = [DropBlock() for _ in range(3)]
+    params = [p for l in layers for p in l.parameters()]
+    x0 = torch.randn(32, 16)
+
+    def run(ck):
+        torch.manual_seed(3)
+        x = x0.clone().requires_grad_()
+        ctx, sync = get_cpu_offload_context(True, None, 3, emulate=True,
+                                            min_offload_bytes=0) if offload else (None, None)
+        with _torch_2_11_node_lifetime() as free_orphans:
+            call = (lambda l, t: offloaded_checkpoint(l, t)) if ck else None
+            h = forward_stack(layers, x, ctx, sync, call)
+            free_orphans()
+            loss = h.square().sum()
+            partial = torch.autograd.grad(loss, params[-2:], retain_graph=True)
+            first = torch.autograd.grad(loss, [x] + params, retain_graph=True)
+            return list(partial) + list(first) + list(torch.autograd.grad(loss, [x] + params))
+
+    assert_bitwise(run(False), run(True))
+
+
+def test_parameter_only_branch_and_a_grad_that_never_reaches_the_inputs():
+    """Nodes of ``fn`` whose saved tensors come from parameters only, run first (a grad
+    for those parameters alone, which runs no node between the output and the inputs):
+    the recomputation still finds the inputs, here and in a full backward after it."""
+    w, v = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+    x0 = torch.randn(4, 8)
+
+    def fn(x):
+        return (x @ w).sin() + torch.tanh(v) * v.exp()
+
+    def run(ck):
+        x = x0.clone().requires_grad_()
+        with _torch_2_11_node_lifetime() as free_orphans:
+            y = offloaded_checkpoint(fn, x) if ck else fn(x)
+            free_orphans()
+            loss = y.square().sum()
+            return (list(torch.autograd.grad(loss, [v], retain_graph=True))
+                    + list(torch.autograd.grad(loss, [x, w, v])))
+
+    assert_bitwise(run(False), run(True))
 
 
 # -------------------------------------------------------------------- CUDA
