@@ -13,12 +13,16 @@ untimed and ``iters`` timed steps (forward = ``model(ids, labels=ids).loss``, ba
 forward minus before, from a clean state: previous graph freed, ``gc.collect()``,
 parameter gradients allocated), then one *check* step for gradients.
 
-Bitwise gradients: the check step runs with ``torch.use_deterministic_algorithms(True)``
-(``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set before cuBLAS starts), so SDPA's backward and
-the scatter-adds of the experts take their deterministic kernels; every row's gradients
-are compared with ``none``'s check step, and ``none`` is checked against itself (a second
+Bitwise gradients: the check step runs under :func:`deterministic_check`: strict
+``torch.use_deterministic_algorithms(True)`` (``warn_only=False``: with ``warn_only``
+torch 2.11 warns and still runs cuDNN attention's non-deterministic backward, which made
+every row of the first H200 run read NO), ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before
+cuBLAS starts, SDPA limited to flash attention (deterministic backward in strict mode) or
+math, and integer ``histc`` exempted (exact in any order).  Every row's gradients are
+compared with ``none``'s check step, and ``none`` is checked against itself (a second
 check step) so a non-deterministic kernel shows as ``none`` failing, not as a false alarm
-on a plan row.
+on a plan row.  A check step that raises (an op without a deterministic kernel) leaves the
+row's timings and says why in its note.
 """
 from __future__ import annotations
 
@@ -117,26 +121,91 @@ def _grads(params, to_cpu: bool) -> list:
                                          else p.grad.detach().clone()) for p in params]
 
 
+class _IntegerHistc(torch.overrides.TorchFunctionMode):
+    """Lets ``torch.histc`` on *integer* input run in strict deterministic mode.
+
+    torch flags ``histc`` on CUDA as non-deterministic for every dtype (float bins are
+    atomic float adds), so strict mode raises on Hugging Face's expert counts (its
+    ``grouped_mm`` experts and the router aux loss count tokens per expert with an int32
+    ``histc``).  Integer atomic adds give the same counts in any order: the result is
+    bitwise reproducible, so the flag is lifted for exactly that call.  The mode is part
+    of autograd's thread-local state, so it also covers recomputation in backward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.histc, torch.Tensor.histc) and args and \
+                isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            torch.use_deterministic_algorithms(False)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                torch.use_deterministic_algorithms(True, warn_only=False)
+        return func(*args, **kwargs)
+
+
+def check_attention_backends(cuda: bool) -> list:
+    """The SDPA backends the check step allows: on CUDA flash attention (whose backward
+    takes its deterministic kernel under strict deterministic mode; torch 2.11's cuDNN
+    attention backward has no such switch) with math (deterministic) as the fallback;
+    on the CPU every backend (the CPU kernels are deterministic)."""
+    from torch.nn.attention import SDPBackend
+    if cuda:
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    return [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH) if b is not None]
+
+
 @contextlib.contextmanager
-def _deterministic():
+def deterministic_check(cuda: bool):
+    """The context of every check step: ``torch.use_deterministic_algorithms(True)``
+    (strict: an op without a deterministic kernel raises instead of warning), integer
+    ``histc`` exempted (:class:`_IntegerHistc`), SDPA limited to
+    :func:`check_attention_backends`.  cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set
+    before it starts (the CLI sets ``:4096:8`` first thing); it is checked here."""
+    from torch.nn.attention import sdpa_kernel
+    if cuda and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        raise RuntimeError("deterministic check: CUBLAS_WORKSPACE_CONFIG must be :4096:8 or "
+                           ":16:8 before CUDA starts (python -m moe_offload sets it)")
     old = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=False)
     try:
-        yield
+        with sdpa_kernel(check_attention_backends(cuda)), _IntegerHistc():
+            yield
     finally:
         torch.use_deterministic_algorithms(old, warn_only=old_warn)
 
 
-def _check_step(step, params) -> list:
+def _check_step(step, params, cuda: bool = False) -> list:
     for p in params:
         p.grad = None
     torch.manual_seed(1234)
-    with _deterministic():
+    with deterministic_check(cuda):
         loss = step()
         loss.backward()
     del loss
     return _grads(params, to_cpu=True)
+
+
+def _bitwise(row: dict, name: str, step, params, refs: dict, cuda: bool) -> None:
+    """The row's check step(s) -> ``row["bitwise_equal"]`` (``None`` with a note when the
+    check step raised: an op without a deterministic kernel; the timings stay)."""
+    try:
+        grads = _check_step(step, params, cuda)
+        if name == "none":
+            refs["none"] = grads
+            again = _check_step(step, params, cuda)
+            row["bitwise_equal"] = grads_bitwise_equal(again, grads)
+            if not row["bitwise_equal"]:
+                row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
+        else:
+            ref = refs.get("none")
+            row["bitwise_equal"] = None if ref is None else grads_bitwise_equal(grads, ref)
+            if ref is None:
+                row["note"] = "no reference check step (it raised; see planner.reference_error)"
+    except RuntimeError as e:
+        row["bitwise_equal"] = None
+        row["note"] = f"check step raised: {type(e).__name__}: {e}"[:300]
 
 
 def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
@@ -182,7 +251,11 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                     plan_info["ours_experts"] = False
                     plan_info["ours_experts_error"] = f"{type(e).__name__}: {e}"[:300]
                 if plan_info["ours_experts"]:
-                    refs["none"] = _check_step(base_step, params)
+                    refs.pop("none", None)
+                    try:
+                        refs["none"] = _check_step(base_step, params, cuda)
+                    except RuntimeError as e:
+                        plan_info["reference_error"] = f"{type(e).__name__}: {e}"[:300]
                     plan_info["reference"] = "none on our experts (the integration's kernels)"
             if spec.family == "planned":
                 row["reference"] = "none+ours_experts" if plan_info["ours_experts"] else "none"
@@ -224,17 +297,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
             _measure_row(row, step, params, cfg, cuda, getattr(installed, "reset", None))
             d2h, h2d = installed.moved_bytes()
             row.update(d2h_bytes=int(d2h), h2d_bytes=int(h2d), engine_stats=installed.stats())
-            grads = _check_step(step, params)
-            if spec.name == "none":
-                refs["none"] = grads
-                again = _check_step(step, params)
-                row["bitwise_equal"] = grads_bitwise_equal(again, grads)
-                if not row["bitwise_equal"]:
-                    row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
-            else:
-                ref = refs.get("none")
-                row["bitwise_equal"] = None if ref is None else grads_bitwise_equal(grads, ref)
-            del grads
+            _bitwise(row, spec.name, step, params, refs, cuda)
             if spec.owner in ("peer", "baseline"):
                 act_of[spec.name] = row["act_bytes"]
         except _Skip as e:

@@ -94,3 +94,23 @@ def test_rows_and_targets():
     assert got["at save_on_cpu+ckpt's memory"] == "n/a"
     assert got["predicted step time and memory within 5% of measured (every plan row)"] == "FAIL"
     assert got["gradients bitwise equal to none (every plan row)"] == "FAIL"
+
+
+def test_check_step_is_strictly_deterministic(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    from moe_offload.bench.real_model import check_attention_backends, deterministic_check
+    assert check_attention_backends(True) == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    with deterministic_check(False):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()   # strict, not warn
+        counts = torch.histc(torch.tensor([0.0, 1.0, 1.0]), bins=2, min=0, max=1)
+        assert counts.tolist() == [1.0, 2.0]
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
+        with deterministic_check(True):
+            pass
