@@ -107,8 +107,10 @@ def test_mixed_choices_and_full_offload_bitwise(qwen3):
 def test_loss_checkpoint_is_bitwise_and_saves_the_fp32_log_softmax(qwen3):
     model, step, ref, figs = qwen3
     f = figs[1]
-    # tiny vocab 128 x 32 tokens: fp32 log-softmax 16 KiB saved, bf16... here fp32 logits
-    assert f.loss_extra_s is not None and f.loss_saved_bytes >= 0
+    # The checkpoint starts at the final norm's input: the fp32 log-softmax (32 tokens x
+    # vocab 128 x 4 B) and the LM head's input are no longer saved (a checkpoint of the loss
+    # alone would save the fp32 logits instead: no saving at all in this fp32 model).
+    assert f.loss_extra_s is not None and f.loss_saved_bytes >= 32 * 128 * 4 + 32 * 64 * 4
     plan = make_plan(model, figs, [Choice()] * 3, loss_checkpoint=True, min_offload_bytes=THRESHOLD)
     assert plan.predicted_activation_bytes == f.act_none_bytes - f.loss_saved_bytes
     assert "loss checkpointed" in plan.describe()
