@@ -52,6 +52,19 @@ QWEN3_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, 
 # Peers whose memory our plans are asked to match (and halve).
 BUDGET_PEERS = ("checkpoint", "sac", "save_on_cpu+ckpt", "torchtune+ckpt")
 TIME_TOL = 1.03
+# plan@time is solved for TIME_TOL x none's measured step, less this margin for the
+# prediction error (the target asks predictions within 5%; 3% keeps most of the slack).
+TIME_MARGIN = 0.03
+
+
+def time_limit(none_step_s: Optional[float], ours_none_s: float) -> tuple:
+    """``(max_step_s, why)`` of plan@time: ``TIME_TOL`` x the ``none`` row's measured step
+    (Hugging Face's experts, the baseline of every ratio) x ``(1 - TIME_MARGIN)``; without
+    a ``none`` row, the same factor on our no-plan step."""
+    base, name = (none_step_s, "none") if none_step_s else (ours_none_s, "no plan on our experts")
+    limit = TIME_TOL * base * (1 - TIME_MARGIN)
+    return limit, (f"solved for <= {limit * 1e3:.2f} ms = {TIME_TOL} x {name} "
+                   f"{base * 1e3:.2f} ms x (1 - {TIME_MARGIN} margin)")
 
 
 def build_qwen3(dims: dict, seq: int, device: str, dtype: torch.dtype, seed: int,
@@ -107,8 +120,8 @@ def real_rows(torchtune: bool) -> list:
         rows.append(_Row(f"plan@half-{peer}", "planned", "ours",
                          f"planner: fastest within half of {peer}'s memory"))
     rows.append(_Row("plan@time", "planned", "ours",
-                     f"planner: least memory predicted within {TIME_TOL - 0.01:.2f}x of none's time "
-                     f"(target: measured <= {TIME_TOL}x)"))
+                     f"planner: least memory predicted within {TIME_TOL}x of none's measured time "
+                     f"less a {TIME_MARGIN:.0%} margin (target: measured <= {TIME_TOL}x)"))
     return rows
 
 
@@ -229,7 +242,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
         return model(input_ids=ids, labels=ids).loss
 
     threshold = 256 * 1024 if cuda else 1024
-    rows, refs, act_of, figures, cands = [], {}, {}, None, None
+    rows, refs, act_of, step_of, figures, cands = [], {}, {}, {}, None, None
     plan_info = {}
     specs = real_rows(torchtune_available())
     if cfg.strategies:
@@ -264,9 +277,12 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                                             iters=max(1, cfg.iters // 2), warmup=min(1, cfg.warmup))
                     cands = search(figures[1], release_lag)
                     plan_info["measured"] = _figures_summary(figures[1])
+                    plan_info["calibration"] = dict(figures[1].calibration)
                 if spec.name == "plan@time":
-                    plan = choose(model, layers, figures[1], cands, None, max_time_x=TIME_TOL - 0.01,
+                    limit, why = time_limit(step_of.get("none"), figures[1].step_none_s)
+                    plan = choose(model, layers, figures[1], cands, None, max_step_s=limit,
                                   min_offload_bytes=threshold, emulate=not cuda)
+                    row["note"] = why
                 else:
                     peer = spec.name.split("@", 1)[1]
                     frac = 0.5 if peer.startswith("half-") else 1.0
@@ -274,11 +290,14 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                     if peer not in act_of:
                         raise _Skip(f"{peer} has no measured memory")
                     budget = int(act_of[peer] * frac)
-                    try:
-                        plan = choose(model, layers, figures[1], cands, budget,
-                                      min_offload_bytes=threshold, emulate=not cuda)
-                    except ValueError as e:
-                        raise _Skip(str(e)) from None
+                    low = min(c.act_bytes for c in cands)
+                    if budget < low:
+                        # Below what any plan keeps: run at the closest budget and say so.
+                        row["note"] = minimum_note(figures[1], cands, budget, step_of.get("none"))
+                        row["requested_budget_bytes"] = budget
+                        budget = low
+                    plan = choose(model, layers, figures[1], cands, budget,
+                                  min_offload_bytes=threshold, emulate=not cuda)
                 handle = plan.apply()
                 installed = _plan_installed(handle)
                 row["plan"] = {"predicted_s": plan.predicted_step_s,
@@ -300,6 +319,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
             _bitwise(row, spec.name, step, params, refs, cuda)
             if spec.owner in ("peer", "baseline"):
                 act_of[spec.name] = row["act_bytes"]
+                step_of[spec.name] = row["step_s"]
         except _Skip as e:
             row.update(status="skipped", note=str(e))
         except Exception as e:  # a failing strategy is a row, not the end of the run
@@ -348,10 +368,16 @@ def _measure_row(row: dict, step, params, cfg, cuda: bool, reset=None) -> None:
     def backward(loss):
         loss.backward()
 
+    retries = (lambda: torch.cuda.memory_stats().get("num_alloc_retries", 0)) if cuda else (lambda: 0)
+    r0 = retries()
     for _ in range(cfg.warmup):
         before()
         backward(step())
+    r1 = retries()
     t = time_steps(step, backward, cfg.iters, cuda, before)
+    # Allocator retries (cached blocks freed and cudaMalloc retried: a device-wide sync)
+    # during the timed steps: a diagnostic for steps slower than predicted.
+    row["alloc_retries"] = {"warmup": int(r1 - r0), "timed": int(retries() - r1)}
     before()
     for p in params:                      # weight grads exist, as after the first step
         p.grad = torch.zeros_like(p)
@@ -364,8 +390,27 @@ def _measure_row(row: dict, step, params, cfg, cuda: bool, reset=None) -> None:
                peak_step_bytes=mem.peak_bytes - mem.base_bytes, memory_source=mem.source)
 
 
+def minimum_note(f, cands, budget: int, none_step_s: Optional[float]) -> str:
+    """Why ``budget`` is out of reach, with the arithmetic of the least-memory plan."""
+    from ..plan.solve import resident_bytes
+    best = min(cands, key=lambda c: (c.act_bytes, c.step_s))
+    lay = sum(resident_bytes(lf.groups[c.recompute], c.offload)
+              for lf, c in zip(f.layers, best.choices))
+    rest = best.act_bytes - lay
+    base = none_step_s or f.step_none_s
+    return (f"budget {budget / 2**20:.1f} MiB is below the least any plan keeps, "
+            f"{best.act_bytes / 2**20:.1f} MiB = {lay / 2**20:.1f} MiB the layers keep (storages "
+            f"under the engine threshold, tables shared by layers) + {rest / 2**20:.1f} MiB outside "
+            f"the layers that no option moves (router aux loss over all layers' logits, "
+            f"embedding); run at that minimum, predicted {best.step_s / base:.2f}x none's time")
+
+
 def _figures_summary(f) -> dict:
     return {"step_none_s": f.step_none_s, "act_none_bytes": f.act_none_bytes,
+            "pre_fwd_s": f.pre_fwd_s, "post_fwd_s": f.post_fwd_s,
+            "loss_saved_bytes": f.loss_saved_bytes, "loss_extra_s": f.loss_extra_s,
+            "attention_s_per_GB": f.attention_s_per_byte * 1e9,
+            "block_s_per_GB": f.block_s_per_byte * 1e9,
             "d2h_Bps": f.d2h_Bps, "h2d_Bps": f.h2d_Bps,
             "layer_fwd_s": [l.fwd_s for l in f.layers],
             "extra_s": f.layers[0].extra_s,
@@ -393,6 +438,10 @@ def target_checks(rows: list) -> list:
         None if r is None else r["time_x"] <= 1.03 and r["act_x"] <= 0.40, txt(r) if r else "row did not run")
     for peer in ("save_on_cpu+ckpt", "torchtune+ckpt"):
         r = by.get(f"plan@{peer}")
+        if r is not None and r.get("requested_budget_bytes") is not None:
+            add(f"at {peer}'s memory: <= 1.15x none's time", False,
+                f"{txt(r)}: memory target out of reach: {r['note']}")
+            continue
         add(f"at {peer}'s memory: <= 1.15x none's time",
             None if r is None else r["time_x"] <= 1.15, txt(r) if r else "row did not run")
     plans = [r for r in rows if r["status"] == "ok" and r.get("plan")]

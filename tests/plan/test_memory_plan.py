@@ -1,5 +1,6 @@
 """plan_memory on CPU (emulate): bitwise gradients with every plan kind, predictions
 against what the engine moved, budgets, errors, describe(), remove()."""
+import copy
 import pytest
 import torch
 
@@ -189,3 +190,19 @@ def test_make_plan_rejects_unmeasured_option(stack):
     model, step, _, figs = stack
     with pytest.raises(ValueError, match="was not measured"):
         make_plan(model, figs, [Choice("norms+experts", 0)] * 3)
+
+
+def test_calibration_probes_measure_non_negative_per_byte_costs(qwen3):
+    from moe_offload.plan.memory_plan import calibrate_offload, probe_plans
+    model, step, ref, figs = qwen3
+    f = copy.deepcopy(figs[1])
+    probes = dict(probe_plans(f))
+    assert [c.offload for c in probes["attention"]] == [1, 1, 0]
+    assert [c.offload for c in probes["block"]] == [3, 3, 0]
+    assert probes["block"][0].recompute == "norms+mlp"       # cheapest short of the layer
+    out = calibrate_offload(model, figs[0], step, f, iters=1, warmup=0,
+                            min_offload_bytes=THRESHOLD, emulate=True)
+    assert set(out) >= {"attention", "block", "attention_s_per_GB", "block_s_per_GB"}
+    assert f.attention_s_per_byte >= 0 and f.block_s_per_byte >= 0
+    assert f.calibration is out
+    assert bitwise(grads(model, step), ref)           # the probes left the model as it was
