@@ -114,3 +114,32 @@ def test_check_step_is_strictly_deterministic(monkeypatch):
     with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
         with deterministic_check(True):
             pass
+
+
+def test_plan_at_time_limit_is_against_none_not_our_no_plan_step():
+    from moe_offload.bench.real_model import TIME_MARGIN, TIME_TOL, time_limit
+    limit, why = time_limit(0.16465, 0.13866)        # the first H200 run's figures
+    assert limit == pytest.approx(TIME_TOL * 0.16465 * (1 - TIME_MARGIN))
+    assert limit > 0.16 and "none 164.65 ms" in why
+    limit, why = time_limit(None, 0.13866)           # no none row: our own no-plan step
+    assert limit == pytest.approx(TIME_TOL * 0.13866 * (1 - TIME_MARGIN)) and "our experts" in why
+
+
+def test_out_of_reach_budget_row_runs_and_the_target_says_why():
+    from moe_offload.plan import measure_model
+    from moe_offload.plan.solve import search
+    from moe_offload.offload import release_lag
+    from moe_offload.bench.real_model import minimum_note
+    model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    layers, f = measure_model(model, lambda: model(input_ids=ids, labels=ids).loss,
+                              min_offload_bytes=1024, iters=1, warmup=0)
+    cands = search(f, release_lag)
+    low = min(c.act_bytes for c in cands)
+    note = minimum_note(f, cands, 100, 1.0)
+    assert f"{low / 2**20:.1f} MiB =" in note and "run at that minimum" in note
+    rows = [{"strategy": "plan@save_on_cpu+ckpt", "status": "ok", "time_x": 1.1, "act_x": 0.01,
+             "act_bytes": low, "requested_budget_bytes": 100, "note": note,
+             "step_over_predicted": 1.0, "plan": {"predicted_bytes": low}, "bitwise_equal": True}]
+    got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
+    assert got["at save_on_cpu+ckpt's memory"]["status"] == "FAIL"
+    assert "out of reach" in got["at save_on_cpu+ckpt's memory"]["detail"]
