@@ -291,6 +291,9 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                         raise _Skip(f"{peer} has no measured memory")
                     budget = int(act_of[peer] * frac)
                     low = min(c.act_bytes for c in cands)
+                    if budget < low and frac < 1 and act_of[peer] < low:
+                        raise _Skip(f"same plan as plan@{peer}: both budgets are below the "
+                                    f"least any plan keeps ({low / 2**20:.1f} MiB)")
                     if budget < low:
                         # Below what any plan keeps: run at the closest budget and say so.
                         row["note"] = minimum_note(figures[1], cands, budget, step_of.get("none"))
