@@ -304,10 +304,12 @@ class _HeadCheckpoint:
     def __init__(self, model: nn.Module, norm: nn.Module, head: nn.Linear, loss_fn) -> None:
         self.norm, self.head, self.loss_fn = norm, head, loss_fn
         self.x = None
+        self.inside = False       # our own norm call (forward or recompute): not captured
         self.hook = norm.register_forward_pre_hook(self._capture)
 
     def _capture(self, module, args):
-        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+        if not self.inside and torch.is_grad_enabled() and args and \
+                isinstance(args[0], torch.Tensor):
             self.x = args[0]
 
     def __call__(self, logits, labels, vocab_size, **kwargs):
@@ -316,7 +318,11 @@ class _HeadCheckpoint:
             return _ckpt_forward(self.loss_fn, logits, labels, vocab_size, **kwargs)
 
         def run(x):
-            return self.loss_fn(self.head(self.norm(x)), labels, vocab_size, **kwargs)
+            self.inside = True
+            try:
+                return self.loss_fn(self.head(self.norm(x)), labels, vocab_size, **kwargs)
+            finally:
+                self.inside = False
         if not x.is_cuda:
             return checkpoint(run, x, use_reentrant=False)
         with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):

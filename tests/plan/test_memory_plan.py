@@ -7,7 +7,7 @@ import torch
 from moe_offload import MemoryPlan, plan_memory
 from moe_offload.plan import Choice, make_plan, measure_model
 from moe_offload.plan.measure import count_saved
-from moe_offload.plan.modules import Wrappers, install_recompute
+from moe_offload.plan.modules import Wrappers, install_loss_checkpoint, install_recompute
 
 from ._models import bitwise, grads, moe_stack, tiny_qwen3
 
@@ -112,6 +112,15 @@ def test_loss_checkpoint_is_bitwise_and_saves_the_fp32_log_softmax(qwen3):
     # vocab 128 x 4 B) and the LM head's input are no longer saved (a checkpoint of the loss
     # alone would save the fp32 logits instead: no saving at all in this fp32 model).
     assert f.loss_extra_s is not None and f.loss_saved_bytes >= 32 * 128 * 4 + 32 * 64 * 4
+    wr = Wrappers()
+    try:
+        install_loss_checkpoint(model, wr)
+        head = model.loss_function
+        step().backward()
+        assert head.x is None          # nothing held past the step (its own norm calls ignored)
+    finally:
+        wr.remove()
+    model.zero_grad(set_to_none=True)
     plan = make_plan(model, figs, [Choice()] * 3, loss_checkpoint=True, min_offload_bytes=THRESHOLD)
     assert plan.predicted_activation_bytes == f.act_none_bytes - f.loss_saved_bytes
     assert "loss checkpointed" in plan.describe()
