@@ -53,14 +53,18 @@ def _run(plan: MemoryPlan, model, step):
 def _measured_act(plan: MemoryPlan, model, step, moved: int) -> int:
     """Activation bytes the plan leaves: what its recompute wrappers save (counted like the
     planner does) minus what the engine actually moved to the host."""
+    outside_none = count_saved(model, plan.layers, step, THRESHOLD).outside_bytes
     wr = Wrappers()
     try:
         for layer, c in zip(plan.layers, plan.choices):
             install_recompute(layer, c.recompute, wr)
+        if plan.prediction.loss_checkpoint:
+            install_loss_checkpoint(model, wr)
         saved = count_saved(model, plan.layers, step, THRESHOLD)
     finally:
         wr.remove()
-    return plan.figures.act_none_bytes - (_none_layers(plan) - _layers_total(saved)) - moved
+    return (plan.figures.act_none_bytes - (_none_layers(plan) - _layers_total(saved))
+            - (outside_none - saved.outside_bytes) - moved)
 
 
 def _none_layers(plan) -> int:
