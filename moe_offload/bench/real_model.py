@@ -168,57 +168,84 @@ def check_attention_backends(cuda: bool) -> list:
                         SDPBackend.MATH) if b is not None]
 
 
+CHECK_MODES = ("strict", "math")
+
+
 @contextlib.contextmanager
-def deterministic_check(cuda: bool):
-    """The context of every check step: ``torch.use_deterministic_algorithms(True)``
-    (strict: an op without a deterministic kernel raises instead of warning), integer
-    ``histc`` exempted (:class:`_IntegerHistc`), SDPA limited to
-    :func:`check_attention_backends`.  cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set
-    before it starts (the CLI sets ``:4096:8`` first thing); it is checked here."""
-    from torch.nn.attention import sdpa_kernel
+def deterministic_check(cuda: bool, mode: str = "strict"):
+    """The context of a check step.
+
+    ``"strict"``: ``torch.use_deterministic_algorithms(True)`` with ``warn_only=False`` (an
+    op without a deterministic kernel raises instead of warning), integer ``histc``
+    exempted (:class:`_IntegerHistc`), SDPA limited to :func:`check_attention_backends`.
+    ``"math"`` (the fallback when a strict step raised): deterministic algorithms with
+    ``warn_only=True`` (ops with a deterministic variant take it; others warn) and SDPA
+    limited to the math backend, whose backward is plain matmuls and softmax.  cuBLAS
+    needs ``CUBLAS_WORKSPACE_CONFIG`` set before it starts (the CLI sets ``:4096:8`` first
+    thing); it is checked here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if mode not in CHECK_MODES:
+        raise ValueError(f"mode must be one of {CHECK_MODES}, got {mode!r}")
     if cuda and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
         raise RuntimeError("deterministic check: CUBLAS_WORKSPACE_CONFIG must be :4096:8 or "
                            ":16:8 before CUDA starts (python -m moe_offload sets it)")
     old = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=False)
+    strict = mode == "strict"
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    backends = check_attention_backends(cuda) if strict else [SDPBackend.MATH]
     try:
-        with sdpa_kernel(check_attention_backends(cuda)), _IntegerHistc():
+        with sdpa_kernel(backends), (_IntegerHistc() if strict else contextlib.nullcontext()):
             yield
     finally:
         torch.use_deterministic_algorithms(old, warn_only=old_warn)
 
 
-def _check_step(step, params, cuda: bool = False) -> list:
+def _check_step(step, params, cuda: bool = False, mode: str = "strict") -> list:
     for p in params:
         p.grad = None
     torch.manual_seed(1234)
-    with deterministic_check(cuda):
+    with deterministic_check(cuda, mode):
         loss = step()
         loss.backward()
     del loss
     return _grads(params, to_cpu=True)
 
 
-def _bitwise(row: dict, name: str, step, params, refs: dict, cuda: bool) -> None:
-    """The row's check step(s) -> ``row["bitwise_equal"]`` (``None`` with a note when the
-    check step raised: an op without a deterministic kernel; the timings stay)."""
-    try:
-        grads = _check_step(step, params, cuda)
-        if name == "none":
-            refs["none"] = grads
-            again = _check_step(step, params, cuda)
-            row["bitwise_equal"] = grads_bitwise_equal(again, grads)
-            if not row["bitwise_equal"]:
-                row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
-        else:
-            ref = refs.get("none")
-            row["bitwise_equal"] = None if ref is None else grads_bitwise_equal(grads, ref)
-            if ref is None:
-                row["note"] = "no reference check step (it raised; see planner.reference_error)"
-    except RuntimeError as e:
+def _row_check(step, params, cuda: bool) -> tuple:
+    """``(grads, mode, errors)``: the first check mode whose step does not raise."""
+    errors = []
+    for mode in CHECK_MODES:
+        try:
+            return _check_step(step, params, cuda, mode), mode, errors
+        except RuntimeError as e:
+            errors.append(f"{mode}: {type(e).__name__}: {e}"[:200])
+            for p in params:
+                p.grad = None
+    return None, None, errors
+
+
+def _bitwise(row: dict, name: str, step, params, refs: dict, ref_key: str, cuda: bool) -> tuple:
+    """The row's check step(s).  ``none`` is compared with a second check step of itself
+    and becomes the reference of its experts (``ref_key``) in that mode.  Other rows
+    return ``(grads, mode)`` to compare once their strategy is removed (the reference is
+    computed then when this mode has none yet)."""
+    grads, mode, errors = _row_check(step, params, cuda)
+    row["check_mode"] = mode
+    if errors:
+        row["check_errors"] = errors
+    if grads is None:
         row["bitwise_equal"] = None
-        row["note"] = f"check step raised: {type(e).__name__}: {e}"[:300]
+        row["note"] = "every check step raised: " + "; ".join(errors)
+        return None, None
+    if name == "none":
+        refs[(ref_key, mode)] = grads
+        again = _check_step(step, params, cuda, mode)
+        row["bitwise_equal"] = grads_bitwise_equal(again, grads)
+        if not row["bitwise_equal"]:
+            row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
+        return None, None
+    return grads, mode
 
 
 def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
@@ -243,6 +270,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
 
     threshold = 256 * 1024 if cuda else 1024
     rows, refs, act_of, step_of, figures, cands = [], {}, {}, {}, None, None
+    ref_key = "hf"                     # which experts the reference check steps ran on
     plan_info = {}
     specs = real_rows(torchtune_available())
     if cfg.strategies:
@@ -253,7 +281,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
         row = {"stack": "qwen3", "base_stack": "qwen3", "strategy": spec.name, "family": spec.family,
                "owner": spec.owner, "description": spec.description, "reference": "none",
                "status": "ok", "note": "", "output_bytes": 0, "plan": None, "prefetch_layers": None}
-        installed = None
+        installed, pending = None, (None, None)
         try:
             if spec.family == "planned" and "ours_experts" not in plan_info:
                 # Plans run on our experts when the transformers integration exists; their
@@ -264,11 +292,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
                     plan_info["ours_experts"] = False
                     plan_info["ours_experts_error"] = f"{type(e).__name__}: {e}"[:300]
                 if plan_info["ours_experts"]:
-                    refs.pop("none", None)
-                    try:
-                        refs["none"] = _check_step(base_step, params, cuda)
-                    except RuntimeError as e:
-                        plan_info["reference_error"] = f"{type(e).__name__}: {e}"[:300]
+                    ref_key = "ours"       # references on our experts, computed when needed
                     plan_info["reference"] = "none on our experts (the integration's kernels)"
             if spec.family == "planned":
                 row["reference"] = "none+ours_experts" if plan_info["ours_experts"] else "none"
@@ -319,7 +343,7 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
             _measure_row(row, step, params, cfg, cuda, getattr(installed, "reset", None))
             d2h, h2d = installed.moved_bytes()
             row.update(d2h_bytes=int(d2h), h2d_bytes=int(h2d), engine_stats=installed.stats())
-            _bitwise(row, spec.name, step, params, refs, cuda)
+            pending = _bitwise(row, spec.name, step, params, refs, ref_key, cuda)
             if spec.owner in ("peer", "baseline"):
                 act_of[spec.name] = row["act_bytes"]
                 step_of[spec.name] = row["step_s"]
@@ -336,6 +360,19 @@ def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
+        grads, mode = pending
+        if grads is not None:          # compare with the reference now that nothing is installed
+            try:
+                if (ref_key, mode) not in refs:
+                    refs[(ref_key, mode)] = _check_step(base_step, params, cuda, mode)
+                row["bitwise_equal"] = grads_bitwise_equal(grads, refs[(ref_key, mode)])
+            except RuntimeError as e:
+                row["bitwise_equal"] = None
+                row["note"] = f"reference check step raised: {type(e).__name__}: {e}"[:300]
+            finally:
+                for p in params:
+                    p.grad = None
+            del grads
         rows.append(row)
         if cfg.progress:
             print(f"  qwen3 {spec.name}: " + (

@@ -110,6 +110,12 @@ def test_check_step_is_strictly_deterministic(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled()
     assert (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    with deterministic_check(False, "math"):         # the fallback: math SDPA, warn only
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.raises(ValueError, match="mode"):
+        with deterministic_check(False, "loose"):
+            pass
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
         with deterministic_check(True):
@@ -143,3 +149,16 @@ def test_out_of_reach_budget_row_runs_and_the_target_says_why():
     got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
     assert got["at save_on_cpu+ckpt's memory"]["status"] == "FAIL"
     assert "out of reach" in got["at save_on_cpu+ckpt's memory"]["detail"]
+
+
+def test_a_check_step_that_raises_in_strict_mode_falls_back_to_math():
+    from moe_offload.bench.real_model import _row_check
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def step():
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError("some_op does not have a deterministic implementation")
+        return (w * 2).sum()
+    grads, mode, errors = _row_check(step, [w], cuda=False)
+    assert mode == "math" and torch.equal(grads[0], torch.full((3,), 2.0))
+    assert "strict" in errors[0] and "some_op" in errors[0]
