@@ -502,6 +502,20 @@ def format_targets(checks: list) -> str:
                                                for c in checks])
 
 
+def format_check_note(rows: list) -> str:
+    """How the bitwise column was obtained, and which check mode each row needed."""
+    modes = {}
+    for r in rows:
+        if r.get("check_mode"):
+            modes.setdefault(r["check_mode"], []).append(r["strategy"])
+    used = "; ".join(f"{m}: {len(v)} rows" + ("" if m == "strict" else f" ({', '.join(v)})")
+                     for m, v in modes.items())
+    return ("bitwise: one check step per row vs none's (plans: vs none on our experts), seeded, "
+            "under strict torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG="
+            ":4096:8, SDPA flash (deterministic backward) or math, integer histc exempted; "
+            "fallback when strict raises: math SDPA, warn-only [" + (used or "no check ran") + "]")
+
+
 def format_plans(rows: list) -> str:
     """Each plan row's per-layer table (``MemoryPlan.describe``)."""
     out = []
