@@ -28,7 +28,8 @@ from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_functio
 from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction, predict,
                     refine, search)
 
-__all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose"]
+__all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose",
+           "calibrate_offload", "probe_plans"]
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
