@@ -40,7 +40,8 @@ def run_and_report(cfg: BenchConfig, out=None) -> dict:
 
 def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     """The real-model run (``--model qwen3``): table, per-plan tables, targets, JSON, plot."""
-    from .real_model import format_plans, format_targets, run_real, target_checks
+    from .real_model import (format_check_note, format_plans, format_targets, run_real,
+                             target_checks)
     import os
     from .run import derive, environment, progress
     out = out or sys.stdout
@@ -55,6 +56,7 @@ def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     report["planner"] = result["planner"]
     print(format_env(env, report["config"]), file=out)
     print(format_table(result["rows"]), file=out)
+    print(format_check_note(result["rows"]), file=out)
     print(format_plans(result["rows"]), file=out)
     print(format_targets(checks["targets"]), file=out)
     if cfg.json_path:

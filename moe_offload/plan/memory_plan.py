@@ -28,7 +28,8 @@ from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_functio
 from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction, predict,
                     refine, search)
 
-__all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose"]
+__all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose",
+           "calibrate_offload", "probe_plans"]
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -238,13 +239,15 @@ def _zero_grad(model: nn.Module) -> Callable[[], None]:
 def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=None, *,
                   min_offload_bytes: int = 256 * 1024, options: Optional[Sequence[str]] = None,
                   iters: int = 3, warmup: int = 1, bandwidth: Optional[tuple] = None,
-                  emulate: Optional[bool] = None) -> tuple:
+                  emulate: Optional[bool] = None, calibrate: Optional[bool] = None) -> tuple:
     """Measure ``model`` for the planner -> ``(layers, ModelFigures)``.
 
     Runs, for each recompute option (all that apply, or ``options``; ``"loss"`` names the
     loss checkpoint), one counting forward and ``warmup + iters`` timed steps with the option
     on every layer.  Parameter grads
-    are allocated (zeros) and zeroed before each step; they are left zeroed."""
+    are allocated (zeros) and zeroed before each step; they are left zeroed.
+    ``calibrate`` (default: on the GPU, not emulated): run the two probe plans of
+    :func:`calibrate_offload` (measured copy rates, per-byte offload cost)."""
     layers = find_layers(model, layers)
     L = len(layers)
     cuda = next(model.parameters()).is_cuda
@@ -310,15 +313,79 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
                         shared[i]) for i in range(L)]
     figures = ModelFigures(lfs, pre, post, pre * bwd_per_fwd, post * bwd_per_fwd, int(act_none),
                            float(bandwidth[0]), float(bandwidth[1]), int(loss_saved), loss_extra)
+    if calibrate if calibrate is not None else (cuda and not emulate):
+        calibrate_offload(model, layers, step_fn, figures, iters=iters, warmup=warmup,
+                          min_offload_bytes=min_offload_bytes, emulate=emulate)
     gc.collect()
     return layers, figures
+
+
+def probe_plans(f: ModelFigures) -> list:
+    """The two calibration probes (``solve.py``, "Calibration"): attention offload on all
+    but the last layer, then the MoE block and norms too (level 3 with the cheapest
+    recompute option short of the whole layer)."""
+    L = len(f.layers)
+    common = [o for o in f.layers[0].options if all(o in lf.groups for lf in f.layers)]
+    heavy = next(o for o in ("norms+mlp", "norms+fc1", "norms+experts", "norms", "none")
+                 if o in common)
+    return [("attention", tuple([Choice("none", 1)] * (L - 1) + [Choice("none", 0)])),
+            ("block", tuple([Choice(heavy, 3)] * (L - 1) + [Choice(heavy, 0)]))]
+
+
+def calibrate_offload(model: nn.Module, layers, step_fn, f: ModelFigures, *, iters: int = 3,
+                      warmup: int = 1, min_offload_bytes: int = 256 * 1024,
+                      emulate: bool = False) -> dict:
+    """Run the probe plans (:func:`probe_plans`) and set ``f``'s measured copy rates and
+    per-byte offload costs in place (``solve.py``, "Calibration"); returns what was
+    measured (``{probe: {"step_s", "moved_bytes", "d2h_Bps", "h2d_Bps"}}``)."""
+    if len(f.layers) < 2:
+        return {}
+    cuda = next(model.parameters()).is_cuda
+    zero = _zero_grad(model)
+    out, runs = {}, []
+    for name, choices in probe_plans(f):
+        pred = predict(f, list(choices), release_lag)
+        handle = MemoryPlan(model, layers, pred, None, f, min_offload_bytes, emulate).apply()
+        try:
+            timing = time_step(layers, step_fn, iters, warmup, cuda, zero)
+            st = handle.stats()
+        finally:
+            handle.remove()
+        runs.append((name, choices, timing.step_s, st))
+        out[name] = {"step_s": timing.step_s, "moved_bytes": sum(pred.moved_bytes)}
+    d2h_b = sum(st.get("offloaded_bytes", 0) for *_, st in runs)
+    d2h_s = sum(st.get("d2h_copy_seconds", 0.0) for *_, st in runs)
+    h2d_b = sum(st.get("reloaded_bytes", 0) for *_, st in runs)
+    h2d_s = sum(st.get("h2d_copy_seconds", 0.0) for *_, st in runs)
+    if d2h_s > 0 and d2h_b > 0:        # the engine's own copies of this model's tensors
+        f.d2h_Bps = d2h_b / d2h_s
+    if h2d_s > 0 and h2d_b > 0:
+        f.h2d_Bps = h2d_b / h2d_s
+    f.attention_s_per_byte = f.block_s_per_byte = 0.0
+    for name, choices, measured, _ in runs:
+        pred = predict(f, list(choices), release_lag)
+        moved = [lf.moved(c) for lf, c in zip(f.layers, choices)]
+        first = [min(m, lf.moved(Choice(c.recompute, 1))) for m, lf, c in zip(moved, f.layers, choices)]
+        if name == "attention":
+            nbytes = sum(first)
+            f.attention_s_per_byte = max(0.0, measured - pred.step_s) / max(nbytes, 1)
+        else:
+            nbytes = sum(moved) - sum(first)
+            f.block_s_per_byte = max(0.0, measured - pred.step_s) / max(nbytes, 1)
+        out[name].update(predicted_s=pred.step_s, d2h_Bps=f.d2h_Bps, h2d_Bps=f.h2d_Bps)
+    out["attention_s_per_GB"] = f.attention_s_per_byte * 1e9
+    out["block_s_per_GB"] = f.block_s_per_byte * 1e9
+    f.calibration = out
+    return out
 
 
 def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_bytes: Optional[int],
                 *, layers=None, min_offload_bytes: int = 256 * 1024,
                 options: Optional[Sequence[str]] = None, max_time_x: Optional[float] = None,
+                max_step_s: Optional[float] = None,
                 iters: int = 3, warmup: int = 1, bandwidth: Optional[tuple] = None,
-                emulate: Optional[bool] = None, figures: Optional[tuple] = None) -> MemoryPlan:
+                emulate: Optional[bool] = None, figures: Optional[tuple] = None,
+                calibrate: Optional[bool] = None) -> MemoryPlan:
     """Measure ``model`` and return the fastest :class:`MemoryPlan` whose predicted
     activation memory after the forward is ``<= budget_bytes``.
 
@@ -328,7 +395,8 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
             the backward).
         budget_bytes: activation-memory budget (allocated after forward minus before).
             ``None`` with ``max_time_x``: the least memory predicted within ``max_time_x``
-            times the step without a plan.
+            times the step without a plan; ``None`` with ``max_step_s``: the least memory
+            predicted within ``max_step_s`` seconds (e.g. a peer's measured step).
         layers: the decoder-layer list (default: found, see
             :func:`~moe_offload.plan.modules.find_layers`).
         min_offload_bytes: the engine's size threshold.
@@ -338,13 +406,14 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
             emulate).
         emulate: run the engine in emulate mode (default: when the model is on the CPU).
         figures: ``(layers, ModelFigures)`` from :func:`measure_model` (skip measuring).
+        calibrate: run :func:`calibrate_offload` (default: on the GPU, not emulated).
 
     Raises:
         ValueError: the budget is below the smallest activation memory any plan reaches
             (the message says that minimum).
     """
-    if budget_bytes is None and max_time_x is None:
-        raise ValueError("plan_memory: give budget_bytes or max_time_x")
+    if budget_bytes is None and max_time_x is None and max_step_s is None:
+        raise ValueError("plan_memory: give budget_bytes, max_time_x or max_step_s")
     if budget_bytes is not None and budget_bytes < 0:
         raise ValueError(f"plan_memory: budget_bytes must be >= 0, got {budget_bytes}")
     cuda = next(model.parameters()).is_cuda
@@ -352,19 +421,24 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
     if figures is None:
         figures = measure_model(model, step_fn, layers, min_offload_bytes=min_offload_bytes,
                                 options=options, iters=iters, warmup=warmup,
-                                bandwidth=bandwidth, emulate=emulate)
+                                bandwidth=bandwidth, emulate=emulate, calibrate=calibrate)
     layer_list, f = figures
     cands = search(f, release_lag)
     return choose(model, layer_list, f, cands, budget_bytes, max_time_x=max_time_x,
-                  min_offload_bytes=min_offload_bytes, emulate=emulate)
+                  max_step_s=max_step_s, min_offload_bytes=min_offload_bytes, emulate=emulate)
 
 
 def choose(model, layers, f: ModelFigures, cands: List[Prediction], budget_bytes: Optional[int],
-           *, max_time_x: Optional[float] = None, min_offload_bytes: int = 256 * 1024,
-           emulate: bool = False) -> MemoryPlan:
-    """Pick from candidate predictions (see :func:`plan_memory`)."""
+           *, max_time_x: Optional[float] = None, max_step_s: Optional[float] = None,
+           min_offload_bytes: int = 256 * 1024, emulate: bool = False) -> MemoryPlan:
+    """Pick from candidate predictions (see :func:`plan_memory`).  Without a budget the
+    time limit is ``max_step_s`` when given, else ``max_time_x`` x the step without a
+    plan; when nothing is predicted within it, the fastest candidate."""
     if budget_bytes is None:
-        limit = f.step_none_s * max_time_x
+        if max_step_s is None and max_time_x is None:
+            raise ValueError("choose: give budget_bytes, max_time_x or max_step_s")
+        limit = max_step_s if max_step_s is not None else f.step_none_s * max_time_x
+        limit = max(limit, min(c.step_s for c in cands))
         ok = [c for c in cands if c.step_s <= limit]
         best = min(ok, key=lambda c: (c.act_bytes, c.step_s))
         best = refine(f, best, release_lag, lambda a, b: (a.act_bytes, a.step_s) < (b.act_bytes, b.step_s),

@@ -194,9 +194,22 @@ class Wrappers:
         model.loss_function = functools.partial(_ckpt_forward, model.loss_function)
         self._loss = (model, had, prev)
 
+    def replace_loss(self, model: nn.Module, fn, undo: Callable[[], None]) -> None:
+        """Use ``fn`` as a Hugging Face model's ``loss_function``; ``undo()`` runs at
+        :meth:`remove`."""
+        had = "_loss_function" in model.__dict__
+        prev = model.__dict__.get("_loss_function")
+        model.loss_function = fn
+        self._loss = (model, had, prev)
+        self._loss_undo = undo
+
     def remove(self) -> None:
         """Restore every forward and attribute (last change first)."""
         loss = getattr(self, "_loss", None)
+        undo = getattr(self, "_loss_undo", None)
+        if undo is not None:
+            undo()
+            self._loss_undo = None
         if loss is not None:
             model, had, prev = loss
             if had:
@@ -249,9 +262,87 @@ def has_loss_function(model: nn.Module) -> bool:
     return isinstance(cls_attr, property) and cls_attr.fset is not None
 
 
+def _head_modules(model: nn.Module):
+    """``(final norm, lm_head)`` of a Hugging Face causal LM, or None."""
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    head = getattr(model, "lm_head", None)
+    if isinstance(norm, nn.Module) and isinstance(head, nn.Linear):
+        return norm, head
+    return None
+
+
+def _to_host(t):
+    """Pack hook of the head checkpoint: a CUDA tensor is copied into pinned host memory
+    on the current stream (non-blocking).  No wait is needed: the allocator reuses the
+    device block only for later work on this stream, which runs after the copy; the
+    caching host allocator keeps the pinned block until the copies that use it finished."""
+    if isinstance(t, torch.Tensor) and type(t) is torch.Tensor and t.is_cuda:
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return (t.device, host)
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _from_host(packed):
+    """Unpack hook: the copy back, on the current stream (ordered before its use)."""
+    if isinstance(packed, tuple):
+        device, host = packed
+        return host.to(device, non_blocking=True)
+    return packed
+
+
+class _HeadCheckpoint:
+    """The loss under checkpoint from the *final norm's input*: final norm, LM head and
+    loss are recomputed in backward, so the forward keeps only that input (moved to
+    pinned host memory on the GPU), not the fp32 log-softmax, the logits or the norm's
+    fp32 intermediates.  Hugging Face still runs its own norm and LM head for the returned
+    logits; that branch does not reach the loss, so its graph dies with the output.  The
+    recomputation runs the same kernels on the same inputs: the loss and every gradient
+    are bitwise those without the plan."""
+
+    def __init__(self, model: nn.Module, norm: nn.Module, head: nn.Linear, loss_fn) -> None:
+        self.norm, self.head, self.loss_fn = norm, head, loss_fn
+        self.x = None
+        self.inside = False       # our own norm call (forward or recompute): not captured
+        self.hook = norm.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        if not self.inside and torch.is_grad_enabled() and args and \
+                isinstance(args[0], torch.Tensor):
+            self.x = args[0]
+
+    def __call__(self, logits, labels, vocab_size, **kwargs):
+        x, self.x = self.x, None
+        if not torch.is_grad_enabled() or x is None or tuple(x.shape[:-1]) != tuple(logits.shape[:-1]):
+            return _ckpt_forward(self.loss_fn, logits, labels, vocab_size, **kwargs)
+
+        def run(x):
+            self.inside = True
+            try:
+                return self.loss_fn(self.head(self.norm(x)), labels, vocab_size, **kwargs)
+            finally:
+                self.inside = False
+        if not x.is_cuda:
+            return checkpoint(run, x, use_reentrant=False)
+        with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
+            return checkpoint(run, x, use_reentrant=False)
+
+    def remove(self) -> None:
+        self.hook.remove()
+
+
 def install_loss_checkpoint(model: nn.Module, wrappers: Wrappers) -> None:
-    """Checkpoint the loss (HF ``loss_function``): it saves the bf16 logits instead of the
-    fp32 log-softmax output (half the bytes; the recompute is one log-softmax)."""
+    """Checkpoint the loss.  With a final norm and a linear LM head (Hugging Face causal
+    LMs): from the final norm's input, moved to pinned host memory on the GPU
+    (:class:`_HeadCheckpoint`: the forward keeps nothing of the head on the device).
+    Otherwise ``loss_function`` alone: it saves the bf16 logits instead of the fp32
+    log-softmax output."""
     if not has_loss_function(model):
         raise ValueError(f"{type(model).__name__} has no settable loss_function")
-    wrappers.checkpoint_loss(model)
+    mods = _head_modules(model)
+    if mods is None:
+        wrappers.checkpoint_loss(model)
+        return
+    head = _HeadCheckpoint(model, mods[0], mods[1], model.loss_function)
+    wrappers.replace_loss(model, head, head.remove)

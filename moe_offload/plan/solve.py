@@ -52,8 +52,22 @@ faster (for a time limit: smaller within the limit).  Layers of a decoder
 are alike, so "a leading block does more" covers the useful mixes: leading layers are the
 ones whose copies have the whole rest of the forward to hide and whose reloads come last.
 
-Approximations: copies do not slow compute; forward time does not depend on the option;
-recompute times are whole-model means split by forward share.
+Calibration (measured in-process by :func:`~moe_offload.plan.memory_plan.measure_model`
+on the GPU, zero elsewhere).  The copy rates are what the engine's own copies of this
+model's tensors achieve (bytes over the copies' GPU time, from its ``stats()``), not a
+256 MiB microbenchmark.  Offloading also costs time the schedule above does not see (the
+hooks' host time when the forward is host-bound, the allocator serving the copies'
+storages, copy traffic contending with compute): the first H200 run measured 5-25% more
+than this schedule for plans moving the MoE block and norms, and nothing extra for
+attention-only offload.  Two probe plans measure it per byte: attention offload (level 1)
+on all but the last layer, then the MoE block and norms too (level 3 with the cheapest
+recompute option that is not the whole layer); each probe's measured step minus its
+schedule prediction, over the bytes it adds, is ``attention_s_per_byte`` /
+``block_s_per_byte`` (never negative).  A plan pays ``bytes x rate`` for the bytes each
+layer moves (:meth:`ModelFigures.offload_cost_s`).
+
+Approximations: forward time does not depend on the option; recompute times are
+whole-model means split by forward share; the per-byte offload cost is linear.
 """
 from __future__ import annotations
 
@@ -119,6 +133,20 @@ class ModelFigures:
     h2d_Bps: float
     loss_saved_bytes: int = 0
     loss_extra_s: Optional[float] = None
+    attention_s_per_byte: float = 0.0
+    block_s_per_byte: float = 0.0
+    calibration: dict = field(default_factory=dict)
+
+    def offload_cost_s(self, layer: "LayerFigures", c: "Choice") -> float:
+        """The measured per-byte cost of offloading beyond the copy schedule (see
+        "Calibration" in the module docstring): bytes that move at level 1 (attention and
+        the layer's loose tensors) at ``attention_s_per_byte``, the rest (MoE block, norms)
+        at ``block_s_per_byte``."""
+        if not c.offload:
+            return 0.0
+        total = layer.moved(c)
+        first = min(total, layer.moved(Choice(c.recompute, 1)))
+        return first * self.attention_s_per_byte + (total - first) * self.block_s_per_byte
 
     @property
     def step_none_s(self) -> float:
@@ -213,6 +241,7 @@ def predict(f: ModelFigures, choices: Sequence[Choice], release_lag,
         if best is None or step < best[2] * (1 - 1e-9):
             best = (p, fwd, step)
     extra_s = f.loss_extra_s if loss_checkpoint else 0.0
+    extra_s += sum(f.offload_cost_s(lf, c) for lf, c in zip(f.layers, choices))
     saved = f.loss_saved_bytes if loss_checkpoint else 0
     return Prediction(tuple(choices), best[0], best[2] + extra_s, best[1],
                       _memory(f, choices) - saved, tuple(moved), loss_checkpoint)

@@ -94,3 +94,71 @@ def test_rows_and_targets():
     assert got["at save_on_cpu+ckpt's memory"] == "n/a"
     assert got["predicted step time and memory within 5% of measured (every plan row)"] == "FAIL"
     assert got["gradients bitwise equal to none (every plan row)"] == "FAIL"
+
+
+def test_check_step_is_strictly_deterministic(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    from moe_offload.bench.real_model import check_attention_backends, deterministic_check
+    assert check_attention_backends(True) == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    with deterministic_check(False):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()   # strict, not warn
+        counts = torch.histc(torch.tensor([0.0, 1.0, 1.0]), bins=2, min=0, max=1)
+        assert counts.tolist() == [1.0, 2.0]
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    with deterministic_check(False, "math"):         # the fallback: math SDPA, warn only
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.raises(ValueError, match="mode"):
+        with deterministic_check(False, "loose"):
+            pass
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
+        with deterministic_check(True):
+            pass
+
+
+def test_plan_at_time_limit_is_against_none_not_our_no_plan_step():
+    from moe_offload.bench.real_model import TIME_MARGIN, TIME_TOL, time_limit
+    limit, why = time_limit(0.16465, 0.13866)        # the first H200 run's figures
+    assert limit == pytest.approx(TIME_TOL * 0.16465 * (1 - TIME_MARGIN))
+    assert limit > 0.16 and "none 164.65 ms" in why
+    limit, why = time_limit(None, 0.13866)           # no none row: our own no-plan step
+    assert limit == pytest.approx(TIME_TOL * 0.13866 * (1 - TIME_MARGIN)) and "our experts" in why
+
+
+def test_out_of_reach_budget_row_runs_and_the_target_says_why():
+    from moe_offload.plan import measure_model
+    from moe_offload.plan.solve import search
+    from moe_offload.offload import release_lag
+    from moe_offload.bench.real_model import minimum_note
+    model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    layers, f = measure_model(model, lambda: model(input_ids=ids, labels=ids).loss,
+                              min_offload_bytes=1024, iters=1, warmup=0)
+    cands = search(f, release_lag)
+    low = min(c.act_bytes for c in cands)
+    note = minimum_note(f, cands, 100, 1.0)
+    assert f"{low / 2**20:.1f} MiB =" in note and "run at that minimum" in note
+    rows = [{"strategy": "plan@save_on_cpu+ckpt", "status": "ok", "time_x": 1.1, "act_x": 0.01,
+             "act_bytes": low, "requested_budget_bytes": 100, "note": note,
+             "step_over_predicted": 1.0, "plan": {"predicted_bytes": low}, "bitwise_equal": True}]
+    got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
+    assert got["at save_on_cpu+ckpt's memory"]["status"] == "FAIL"
+    assert "out of reach" in got["at save_on_cpu+ckpt's memory"]["detail"]
+
+
+def test_a_check_step_that_raises_in_strict_mode_falls_back_to_math():
+    from moe_offload.bench.real_model import _row_check
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def step():
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError("some_op does not have a deterministic implementation")
+        return (w * 2).sum()
+    grads, mode, errors = _row_check(step, [w], cuda=False)
+    assert mode == "math" and torch.equal(grads[0], torch.full((3,), 2.0))
+    assert "strict" in errors[0] and "some_op" in errors[0]

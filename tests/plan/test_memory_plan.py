@@ -1,12 +1,13 @@
 """plan_memory on CPU (emulate): bitwise gradients with every plan kind, predictions
 against what the engine moved, budgets, errors, describe(), remove()."""
+import copy
 import pytest
 import torch
 
 from moe_offload import MemoryPlan, plan_memory
 from moe_offload.plan import Choice, make_plan, measure_model
 from moe_offload.plan.measure import count_saved
-from moe_offload.plan.modules import Wrappers, install_recompute
+from moe_offload.plan.modules import Wrappers, install_loss_checkpoint, install_recompute
 
 from ._models import bitwise, grads, moe_stack, tiny_qwen3
 
@@ -52,14 +53,18 @@ def _run(plan: MemoryPlan, model, step):
 def _measured_act(plan: MemoryPlan, model, step, moved: int) -> int:
     """Activation bytes the plan leaves: what its recompute wrappers save (counted like the
     planner does) minus what the engine actually moved to the host."""
+    outside_none = count_saved(model, plan.layers, step, THRESHOLD).outside_bytes
     wr = Wrappers()
     try:
         for layer, c in zip(plan.layers, plan.choices):
             install_recompute(layer, c.recompute, wr)
+        if plan.prediction.loss_checkpoint:
+            install_loss_checkpoint(model, wr)
         saved = count_saved(model, plan.layers, step, THRESHOLD)
     finally:
         wr.remove()
-    return plan.figures.act_none_bytes - (_none_layers(plan) - _layers_total(saved)) - moved
+    return (plan.figures.act_none_bytes - (_none_layers(plan) - _layers_total(saved))
+            - (outside_none - saved.outside_bytes) - moved)
 
 
 def _none_layers(plan) -> int:
@@ -107,8 +112,19 @@ def test_mixed_choices_and_full_offload_bitwise(qwen3):
 def test_loss_checkpoint_is_bitwise_and_saves_the_fp32_log_softmax(qwen3):
     model, step, ref, figs = qwen3
     f = figs[1]
-    # tiny vocab 128 x 32 tokens: fp32 log-softmax 16 KiB saved, bf16... here fp32 logits
-    assert f.loss_extra_s is not None and f.loss_saved_bytes >= 0
+    # The checkpoint starts at the final norm's input: the fp32 log-softmax (32 tokens x
+    # vocab 128 x 4 B) and the LM head's input are no longer saved (a checkpoint of the loss
+    # alone would save the fp32 logits instead: no saving at all in this fp32 model).
+    assert f.loss_extra_s is not None and f.loss_saved_bytes >= 32 * 128 * 4 + 32 * 64 * 4
+    wr = Wrappers()
+    try:
+        install_loss_checkpoint(model, wr)
+        head = model.loss_function
+        step().backward()
+        assert head.x is None          # nothing held past the step (its own norm calls ignored)
+    finally:
+        wr.remove()
+    model.zero_grad(set_to_none=True)
     plan = make_plan(model, figs, [Choice()] * 3, loss_checkpoint=True, min_offload_bytes=THRESHOLD)
     assert plan.predicted_activation_bytes == f.act_none_bytes - f.loss_saved_bytes
     assert "loss checkpointed" in plan.describe()
@@ -156,7 +172,7 @@ def test_impossible_budget_names_the_minimum(qwen3):
         plan_memory(model, step, 1, figures=figs, min_offload_bytes=THRESHOLD)
     with pytest.raises(ValueError, match="budget_bytes must be >= 0"):
         plan_memory(model, step, -1, figures=figs)
-    with pytest.raises(ValueError, match="budget_bytes or max_time_x"):
+    with pytest.raises(ValueError, match="budget_bytes, max_time_x or max_step_s"):
         plan_memory(model, step, None, figures=figs)
 
 
@@ -187,3 +203,19 @@ def test_make_plan_rejects_unmeasured_option(stack):
     model, step, _, figs = stack
     with pytest.raises(ValueError, match="was not measured"):
         make_plan(model, figs, [Choice("norms+experts", 0)] * 3)
+
+
+def test_calibration_probes_measure_non_negative_per_byte_costs(qwen3):
+    from moe_offload.plan.memory_plan import calibrate_offload, probe_plans
+    model, step, ref, figs = qwen3
+    f = copy.deepcopy(figs[1])
+    probes = dict(probe_plans(f))
+    assert [c.offload for c in probes["attention"]] == [1, 1, 0]
+    assert [c.offload for c in probes["block"]] == [3, 3, 0]
+    assert probes["block"][0].recompute == "norms+mlp"       # cheapest short of the layer
+    out = calibrate_offload(model, figs[0], step, f, iters=1, warmup=0,
+                            min_offload_bytes=THRESHOLD, emulate=True)
+    assert set(out) >= {"attention", "block", "attention_s_per_GB", "block_s_per_GB"}
+    assert f.attention_s_per_byte >= 0 and f.block_s_per_byte >= 0
+    assert f.calibration is out
+    assert bitwise(grads(model, step), ref)           # the probes left the model as it was

@@ -85,3 +85,15 @@ def test_refine_improves_one_layer_at_a_time():
     got = refine(f, start, release_lag, lambda a, b: (a.step_s, a.act_bytes) < (b.step_s, b.act_bytes), fits)
     assert fits(got) and got.step_s < start.step_s
     assert sum(c.recompute == "norms" for c in got.choices) == 3     # 3 x 50 B = 150 B
+
+
+def test_calibrated_offload_cost_is_per_byte_by_level():
+    f = figures(bw=1e12)          # copies free: only the calibrated cost remains
+    f.attention_s_per_byte, f.block_s_per_byte = 0.01, 0.001
+    base = predict(f, [Choice()] * 4, release_lag).step_s
+    # level 1 moves 50 B of attention; level 3 adds 100 B experts + 80 B movable norms
+    one = predict(f, [Choice("none", 1)] + [Choice()] * 3, release_lag).step_s
+    assert one - base == pytest.approx(50 * 0.01)
+    three = predict(f, [Choice("none", 3)] + [Choice()] * 3, release_lag).step_s
+    assert three - base == pytest.approx(50 * 0.01 + 180 * 0.001)
+    assert f.offload_cost_s(f.layers[0], Choice("none", 0)) == 0.0
