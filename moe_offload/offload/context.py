@@ -152,9 +152,18 @@ def _keep_unpack(packed):
     return packed.unpack() if isinstance(packed, Kept) else packed
 
 
-def _is_flatten_subclass(t: torch.Tensor) -> bool:
-    return (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-            and hasattr(type(t), "__tensor_flatten__"))
+_PARAMETER = torch.nn.Parameter
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)`` without its Python-level metaclass hook (about
+    0.5 us) for plain tensors.  A parameter is an instance of a ``Parameter`` class, or a
+    tensor subclass instance flagged ``_is_param`` (what ``nn.Parameter(subclass)``
+    returns, e.g. FSDP2's DTensor parameters)."""
+    cls = type(t)
+    if cls is torch.Tensor:
+        return False
+    return issubclass(cls, _PARAMETER) or bool(getattr(t, "_is_param", False))
 
 
 class _Layer:
@@ -525,22 +534,29 @@ class CpuOffloadContext:
         return Kept(t)
 
     def _pack_obj(self, t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if _is_flatten_subclass(t):
-            attrs, meta = t.__tensor_flatten__()
-            inner = {name: self._pack_obj(getattr(t, name)) for name in attrs}
-            return PackedComposite(type(t), meta, t.size(), t.stride(), inner)
-        layer = self._layer
-        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+        # Hot path: every saved tensor of every layer passes here.  A plain tensor is
+        # told apart by ``type(t) is torch.Tensor`` (one pointer compare); parameter
+        # checks avoid ``isinstance(x, nn.Parameter)`` (see ``_is_parameter``), and a
+        # storage below the threshold is kept before any view geometry is computed.
+        cls = type(t)
+        if cls is not torch.Tensor:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if not _is_parameter(t) and hasattr(cls, "__tensor_flatten__"):
+                attrs, meta = t.__tensor_flatten__()
+                inner = {name: self._pack_obj(getattr(t, name)) for name in attrs}
+                return PackedComposite(cls, meta, t.size(), t.stride(), inner)
+        base = t._base
+        if _is_parameter(t) or (base is not None and _is_parameter(base)):
             PARAM_STORAGES.see(t)      # so that detached aliases of it never move
             return self._keep(t)
-        if (not self.backend.is_device_tensor(t)
-                or t.layout != torch.strided or type(t) is not torch.Tensor
+        layer = self._layer
+        if (cls is not torch.Tensor or layer is None or not layer.offloaded
+                or not self.backend.is_device_tensor(t)
+                or t.layout != torch.strided
                 or t.numel() == 0 or t.is_conj() or t.is_neg() or t.is_quantized
                 or marks.is_marked_not_offload(t)
-                or (self.policy == "marked" and not marks.is_marked_offload(t))
-                or layer is None or not layer.offloaded):
+                or (self.policy == "marked" and not marks.is_marked_offload(t))):
             return self._keep(t)
         try:
             storage = t.untyped_storage()
@@ -551,13 +567,21 @@ class CpuOffloadContext:
             return self._keep(t)                  # our own host buffer: never again
         if PARAM_STORAGES.contains(ptr, t.device):
             return self._keep(t)                  # a parameter's storage (params.py)
+        # The threshold is on the storage the tensor would keep alive, not on the view:
+        # a tiny scale view into a bulk buffer travels (its own few bytes), or else it
+        # would pin the whole buffer on the device (TE's shared-buffer defect).
+        storage_bytes = storage.nbytes()
+        if storage_bytes < self.min_offload_bytes:
+            nbytes = t.numel() * t.element_size()
+            self.counters["below_threshold_tensors"] += 1
+            self.counters["below_threshold_bytes"] += nbytes
+            return self._keep(t, nbytes)
         # Dedup keys carry the version: a tensor saved, written in place, then saved
         # again is two different values (the first copy predates the write).
         version = t._version
         es = t.element_size()
         size, stride, off = tuple(t.shape), tuple(t.stride()), t.storage_offset()
         span = 1 + sum((sz - 1) * st for sz, st in zip(size, stride))
-        storage_bytes = storage.nbytes()
         if 2 * span * es >= storage_bytes:        # covers >= 50%: move the storage once
             mode, start, nbytes = RANGE, 0, storage_bytes
             key = ("storage", ptr, t.device, version)
@@ -568,13 +592,6 @@ class CpuOffloadContext:
         else:                                     # small strided view: contiguous copy
             mode, start, nbytes = COPY, 0, t.numel() * es
             key = ("copy", ptr, t.device, version, off, size, stride, t.dtype)
-        # The threshold is on the storage the tensor would keep alive, not on the view:
-        # a tiny scale view into a bulk buffer travels (its own few bytes), or else it
-        # would pin the whole buffer on the device (TE's shared-buffer defect).
-        if storage_bytes < self.min_offload_bytes:
-            self.counters["below_threshold_tensors"] += 1
-            self.counters["below_threshold_bytes"] += t.numel() * es
-            return self._keep(t, t.numel() * es)
         whole_key = ("storage", ptr, t.device, version)
         for k in (whole_key, key):     # dedup: the whole storage, or this exact range
             ref = self._live.get(k)

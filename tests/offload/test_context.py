@@ -273,3 +273,20 @@ def test_steps_leave_nothing_alive_and_need_no_gc(case):
     s = ctx.stats()
     assert s["offloaded_tensors"] > 0 and s["reloaded_tensors"] > 0
     assert ctx.pool.lent == 0
+
+
+def test_parameter_flagged_subclass_is_kept_whole():
+    """``nn.Parameter(subclass)`` returns the subclass flagged ``_is_param`` (FSDP2's
+    DTensor parameters): the pack hook keeps it whole, never decomposes or moves it;
+    plain parameters and their views too, while a plain activation moves."""
+    from moe_offload.offload.record import Kept, SavedRef
+    from tests.offload._helpers import split_scaled
+    ctx, _ = get_cpu_offload_context(True, 1, 1, emulate=True, min_offload_bytes=0)
+    p_sub = torch.nn.Parameter(split_scaled(torch.randn(8, 4), 3))
+    assert type(p_sub) is not torch.nn.Parameter and p_sub._is_param
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    with ctx:
+        assert isinstance(ctx._pack(p_sub), Kept)
+        assert isinstance(ctx._pack(w), Kept) and isinstance(ctx._pack(w.t()), Kept)
+        assert isinstance(ctx._pack(torch.randn(8, 4) * 2), SavedRef)
+    assert ctx.stats()["offloaded_tensors"] == 1
