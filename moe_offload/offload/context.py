@@ -80,6 +80,9 @@ Entries (``__enter__``) and threads:
     it while another thread has it entered raises, before installing anything.  The
     entered regions of a thread (enabled, opt-out, passive) live on one stack in
     ``marks.py``; exiting out of order unwinds every region above and raises.
+    Unpack hooks and backward prehooks may run on autograd's device thread (CUDA),
+    which sees none of those thread-local regions: whether an unpack happens inside a
+    layer (an inner ``torch.autograd.grad``) is asked of the context, not the thread.
 
 Parameters never move: their storages are registered (``params.py``) and a saved
 tensor on such a storage (``w.detach()``) is kept.
@@ -640,7 +643,7 @@ class CpuOffloadContext:
         if isinstance(packed, SavedRef):
             step = packed.record.step
             if (step is not None and not step.backward_started
-                    and not _enabled_entered(self)):
+                    and not self._actively_entered()):
                 # No sync() was used for this step.  An unpack *inside* the context (e.g.
                 # torch.autograd.grad for a gradient penalty within a layer) is not the
                 # backward of the step: it must not end the forward or learn model_layers.
@@ -653,6 +656,19 @@ class CpuOffloadContext:
             return packed.cls.__tensor_unflatten__(inner, packed.meta, packed.size,
                                                    packed.stride)
         return packed
+
+    def _actively_entered(self) -> bool:
+        """Is a layer of this context entered (not passively) right now, by any thread?
+
+        Asked by the unpack hook and the backward prehook.  It is a property of the
+        context, not of the calling thread: on CUDA the autograd engine runs hooks on its
+        own device thread, where the forward thread's regions (``marks.regions()``,
+        thread-local) are invisible, so an inner ``torch.autograd.grad`` inside a layer
+        would otherwise look like the step's backward.  One context serves one thread at
+        a time, so "entered by someone" means "entered by the thread this backward runs
+        for"."""
+        region = self._region
+        return region is not None and region is not _CLAIMED and not self._passive
 
     def _backward_started(self, step: _Step) -> None:
         if step.backward_started:
@@ -671,7 +687,7 @@ class CpuOffloadContext:
 
     def _on_layer_backward(self, step: _Step, index: int) -> None:
         """Prehook body: the backward reached the output of layer ``index``."""
-        if _enabled_entered(self):
+        if self._actively_entered():
             return     # an inner autograd.grad during the forward, not the step's backward
         t0 = time.perf_counter()
         self._backward_started(step)

@@ -275,3 +275,22 @@ def test_checkpointed_layers_cuda(hooks_inside, reentrant):
         assert handle.stats()["offloaded_tensors"] == fwd["offloaded_tensors"]
     finally:
         handle.remove()
+
+
+def test_inner_autograd_grad_on_device_thread_does_not_end_the_step():
+    """An inner torch.autograd.grad inside a layer: on CUDA its hooks run on autograd's
+    device thread; the step must go on (model_layers learned right, no early release)."""
+    L = 3
+    layers = [Block(256, 512, device=DEV) for _ in range(L)]
+    ctx, sync = get_cpu_offload_context(True, 2, min_offload_bytes=1024)
+    x = torch.randn(256, 256, device=DEV, requires_grad=True)
+    for _ in range(2):
+        h = x
+        for i, layer in enumerate(layers):
+            with ctx:
+                h = layer(h)
+                if i == 1:
+                    torch.autograd.grad(h.pow(2).sum(), x, retain_graph=True)
+            h = sync(h)
+        h.sum().backward()
+        assert ctx.model_layers == L
