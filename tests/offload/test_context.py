@@ -182,6 +182,7 @@ class _Tracked:
     def __init__(self, ctx, params):
         import weakref
         self.refs = []
+        self.seen = 0
         self.params = {p.untyped_storage().data_ptr() for p in params}
         pack, unpack, backend = ctx._pack, ctx._unpack, ctx.backend
         empty_device = backend.empty_device
@@ -190,6 +191,7 @@ class _Tracked:
             if isinstance(t, torch.Tensor) and type(t) is torch.Tensor \
                     and t.untyped_storage().data_ptr() not in self.params:
                 self.refs.append(weakref.ref(t.untyped_storage()))
+                self.seen += 1
             return t
 
         ctx._pack = lambda t: pack(note(t))          # read by __enter__ (instance attr)
@@ -268,6 +270,7 @@ def test_steps_leave_nothing_alive_and_need_no_gc(case):
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+    assert tracked.seen > 0
     assert found == 0, f"cyclic garbage after the steps: {sorted(set(garbage))}"
     assert max(counts) == counts[0], counts    # no growth (torch may free a lazy object)
     s = ctx.stats()
