@@ -22,7 +22,7 @@ class EmulateBackend:
         self.h2d_stream = None
 
     def is_device_tensor(self, t: torch.Tensor) -> bool:
-        return t.device.type == "cpu"
+        return t.is_cpu
 
     def current_stream(self):
         return None

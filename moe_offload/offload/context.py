@@ -80,6 +80,9 @@ Entries (``__enter__``) and threads:
     it while another thread has it entered raises, before installing anything.  The
     entered regions of a thread (enabled, opt-out, passive) live on one stack in
     ``marks.py``; exiting out of order unwinds every region above and raises.
+    Unpack hooks and backward prehooks may run on autograd's device thread (CUDA),
+    which sees none of those thread-local regions: whether an unpack happens inside a
+    layer (an inner ``torch.autograd.grad``) is asked of the context, not the thread.
 
 Parameters never move: their storages are registered (``params.py``) and a saved
 tensor on such a storage (``w.detach()``) is kept.
@@ -152,9 +155,18 @@ def _keep_unpack(packed):
     return packed.unpack() if isinstance(packed, Kept) else packed
 
 
-def _is_flatten_subclass(t: torch.Tensor) -> bool:
-    return (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-            and hasattr(type(t), "__tensor_flatten__"))
+_PARAMETER = torch.nn.Parameter
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)`` without its Python-level metaclass hook (about
+    0.5 us) for plain tensors.  A parameter is an instance of a ``Parameter`` class, or a
+    tensor subclass instance flagged ``_is_param`` (what ``nn.Parameter(subclass)``
+    returns, e.g. FSDP2's DTensor parameters)."""
+    cls = type(t)
+    if cls is torch.Tensor:
+        return False
+    return issubclass(cls, _PARAMETER) or bool(getattr(t, "_is_param", False))
 
 
 class _Layer:
@@ -525,22 +537,29 @@ class CpuOffloadContext:
         return Kept(t)
 
     def _pack_obj(self, t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if _is_flatten_subclass(t):
-            attrs, meta = t.__tensor_flatten__()
-            inner = {name: self._pack_obj(getattr(t, name)) for name in attrs}
-            return PackedComposite(type(t), meta, t.size(), t.stride(), inner)
-        layer = self._layer
-        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+        # Hot path: every saved tensor of every layer passes here.  A plain tensor is
+        # told apart by ``type(t) is torch.Tensor`` (one pointer compare); parameter
+        # checks avoid ``isinstance(x, nn.Parameter)`` (see ``_is_parameter``), and a
+        # storage below the threshold is kept before any view geometry is computed.
+        cls = type(t)
+        if cls is not torch.Tensor:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if not _is_parameter(t) and hasattr(cls, "__tensor_flatten__"):
+                attrs, meta = t.__tensor_flatten__()
+                inner = {name: self._pack_obj(getattr(t, name)) for name in attrs}
+                return PackedComposite(cls, meta, t.size(), t.stride(), inner)
+        base = t._base
+        if _is_parameter(t) or (base is not None and _is_parameter(base)):
             PARAM_STORAGES.see(t)      # so that detached aliases of it never move
             return self._keep(t)
-        if (not self.backend.is_device_tensor(t)
-                or t.layout != torch.strided or type(t) is not torch.Tensor
+        layer = self._layer
+        if (cls is not torch.Tensor or layer is None or not layer.offloaded
+                or not self.backend.is_device_tensor(t)
+                or t.layout != torch.strided
                 or t.numel() == 0 or t.is_conj() or t.is_neg() or t.is_quantized
                 or marks.is_marked_not_offload(t)
-                or (self.policy == "marked" and not marks.is_marked_offload(t))
-                or layer is None or not layer.offloaded):
+                or (self.policy == "marked" and not marks.is_marked_offload(t))):
             return self._keep(t)
         try:
             storage = t.untyped_storage()
@@ -551,13 +570,21 @@ class CpuOffloadContext:
             return self._keep(t)                  # our own host buffer: never again
         if PARAM_STORAGES.contains(ptr, t.device):
             return self._keep(t)                  # a parameter's storage (params.py)
+        # The threshold is on the storage the tensor would keep alive, not on the view:
+        # a tiny scale view into a bulk buffer travels (its own few bytes), or else it
+        # would pin the whole buffer on the device (TE's shared-buffer defect).
+        storage_bytes = storage.nbytes()
+        if storage_bytes < self.min_offload_bytes:
+            nbytes = t.numel() * t.element_size()
+            self.counters["below_threshold_tensors"] += 1
+            self.counters["below_threshold_bytes"] += nbytes
+            return self._keep(t, nbytes)
         # Dedup keys carry the version: a tensor saved, written in place, then saved
         # again is two different values (the first copy predates the write).
         version = t._version
         es = t.element_size()
         size, stride, off = tuple(t.shape), tuple(t.stride()), t.storage_offset()
         span = 1 + sum((sz - 1) * st for sz, st in zip(size, stride))
-        storage_bytes = storage.nbytes()
         if 2 * span * es >= storage_bytes:        # covers >= 50%: move the storage once
             mode, start, nbytes = RANGE, 0, storage_bytes
             key = ("storage", ptr, t.device, version)
@@ -568,13 +595,6 @@ class CpuOffloadContext:
         else:                                     # small strided view: contiguous copy
             mode, start, nbytes = COPY, 0, t.numel() * es
             key = ("copy", ptr, t.device, version, off, size, stride, t.dtype)
-        # The threshold is on the storage the tensor would keep alive, not on the view:
-        # a tiny scale view into a bulk buffer travels (its own few bytes), or else it
-        # would pin the whole buffer on the device (TE's shared-buffer defect).
-        if storage_bytes < self.min_offload_bytes:
-            self.counters["below_threshold_tensors"] += 1
-            self.counters["below_threshold_bytes"] += t.numel() * es
-            return self._keep(t, t.numel() * es)
         whole_key = ("storage", ptr, t.device, version)
         for k in (whole_key, key):     # dedup: the whole storage, or this exact range
             ref = self._live.get(k)
@@ -623,7 +643,7 @@ class CpuOffloadContext:
         if isinstance(packed, SavedRef):
             step = packed.record.step
             if (step is not None and not step.backward_started
-                    and not _enabled_entered(self)):
+                    and not self._actively_entered()):
                 # No sync() was used for this step.  An unpack *inside* the context (e.g.
                 # torch.autograd.grad for a gradient penalty within a layer) is not the
                 # backward of the step: it must not end the forward or learn model_layers.
@@ -636,6 +656,19 @@ class CpuOffloadContext:
             return packed.cls.__tensor_unflatten__(inner, packed.meta, packed.size,
                                                    packed.stride)
         return packed
+
+    def _actively_entered(self) -> bool:
+        """Is a layer of this context entered (not passively) right now, by any thread?
+
+        Asked by the unpack hook and the backward prehook.  It is a property of the
+        context, not of the calling thread: on CUDA the autograd engine runs hooks on its
+        own device thread, where the forward thread's regions (``marks.regions()``,
+        thread-local) are invisible, so an inner ``torch.autograd.grad`` inside a layer
+        would otherwise look like the step's backward.  One context serves one thread at
+        a time, so "entered by someone" means "entered by the thread this backward runs
+        for"."""
+        region = self._region
+        return region is not None and region is not _CLAIMED and not self._passive
 
     def _backward_started(self, step: _Step) -> None:
         if step.backward_started:
@@ -654,7 +687,7 @@ class CpuOffloadContext:
 
     def _on_layer_backward(self, step: _Step, index: int) -> None:
         """Prehook body: the backward reached the output of layer ``index``."""
-        if _enabled_entered(self):
+        if self._actively_entered():
             return     # an inner autograd.grad during the forward, not the step's backward
         t0 = time.perf_counter()
         self._backward_started(step)

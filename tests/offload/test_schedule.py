@@ -270,3 +270,37 @@ def test_unpack_inside_the_context_does_not_end_the_step():
         h.sum().backward()
         assert ctx.model_layers == L
     assert no_saved_tensor_hooks()
+
+
+def test_unpack_inside_the_context_from_autograds_thread_does_not_end_the_step():
+    """On CUDA the autograd engine runs hooks on its own device thread, where this
+    thread's entered regions are not visible.  An inner torch.autograd.grad whose hooks
+    run on another thread (emulated here with a Python thread) must still be seen as
+    inside the context: no early end of the forward, no wrong model_layers."""
+    import threading
+    L = 3
+    layers = [Block() for _ in range(L)]
+    ctx, sync = get_cpu_offload_context(True, 2, **EMU)     # model_layers learned
+    x = torch.randn(16, 32, requires_grad=True)
+    errors = []
+
+    def penalty(h):
+        try:
+            torch.autograd.grad(h.pow(2).sum(), x, retain_graph=True)
+        except BaseException as e:       # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(2):
+        h = x
+        for i, layer in enumerate(layers):
+            with ctx:
+                h = layer(h)
+                if i == 1:
+                    worker = threading.Thread(target=penalty, args=(h,))
+                    worker.start()
+                    worker.join()
+            h = sync(h)
+        h.sum().backward()
+        assert not errors and ctx.model_layers == L
+        assert ctx.stats()["forced_releases"] == 0
+    assert no_saved_tensor_hooks()
