@@ -9,8 +9,9 @@ running when it is saved.
 Recompute options (:data:`RECOMPUTE_OPTIONS`), per layer:
 
 - ``none``: nothing recomputed;
-- ``norms``: every norm module runs under ``torch.utils.checkpoint(use_reentrant=False)``
-  (it saves its input instead of its fp32 intermediates);
+- ``norms``: every norm module saves its input instead of its fp32 intermediates and is
+  recomputed in backward (:class:`_RecomputeNorm`: one autograd node per norm, cheaper on the
+  host than ``torch.utils.checkpoint``, to which it falls back for calls it cannot take);
 - ``norms+fc1``: and every :class:`~moe_offload.ops.GroupedMLP` of the layer runs with
   ``recompute="fc1"`` (saves only its input);
 - ``norms+experts``: and the experts module (not ours) is checkpointed;
@@ -165,6 +166,90 @@ def _ckpt_forward(inner: Callable, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
+class _RecomputeNorm(torch.autograd.Function):
+    """A norm's forward without a graph, saving only its input; backward re-runs it.
+
+    For a norm, ``torch.utils.checkpoint(use_reentrant=False)`` costs more host time than
+    the kernels it saves (a frame, saved-tensor hooks and RNG state per call: 32 calls per
+    step on an 8-layer Qwen3-MoE, whose q/k norms are per head).  Norms draw no random
+    numbers and publish nothing, so one node does: the forward runs ``fn(x)`` under
+    ``no_grad`` (the same kernels as with grad) and saves ``x`` (through whatever
+    saved-tensor hooks are active: the offload engine may move it); the backward runs
+    ``fn`` again on ``x`` with grad and differentiates that graph with
+    ``torch.autograd.grad``.  The ops and their order are those of the plain forward, so
+    the gradients are bitwise the plain ones.  The parameters are passed in only so that
+    autograd routes their gradients through this node.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, x, *params):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        ctx.params = params
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[1]
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[2:]) if need]
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(need_x)
+            y = ctx.fn(x_)
+        wrt = ([x_] if need_x else []) + params
+        grads = iter(torch.autograd.grad(y, wrt, dy) if wrt else ())
+        dx = next(grads) if need_x else None
+        dparams = [next(grads) if need else None for need in ctx.needs_input_grad[2:]]
+        return (None, dx, *dparams)
+
+
+def _uses_of_input(y: torch.Tensor, x: torch.Tensor) -> int:
+    """How many edges of ``y``'s graph (above ``x``) consume ``x``."""
+    target = torch.autograd.graph.get_gradient_edge(x)
+    seen, stack, uses = set(), [y.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node is target.node:
+            continue
+        seen.add(node)
+        for nxt, nr in node.next_functions:
+            if nxt is target.node and nr == target.output_nr:
+                uses += 1
+            elif nxt is not None:
+                stack.append(nxt)
+    return uses
+
+
+def _recompute_norm_forward(module: nn.Module, inner: Callable, *args, **kwargs):
+    if (len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor)
+            or not torch.is_grad_enabled() or torch.is_autocast_enabled()):
+        return _ckpt_forward(inner, *args, **kwargs)
+    x = args[0]
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    if not x.requires_grad and not params:
+        return inner(x)
+    # One node stands in for the norm's graph; that is bitwise the plain backward only if
+    # the norm consumes its input once (e.g. HF's RMSNorm upcasting a bf16 input):
+    # otherwise the norm's own contributions to x's gradient would be summed before, not
+    # interleaved with, the other consumers' (another rounding order).  The first call
+    # per module and input dtype also runs it plain (with grad; the result is dropped)
+    # to count; a norm that uses its input more than once (an fp32 input that
+    # ``.to(float32)`` returns as is) keeps torch's checkpoint, which replays the plain
+    # graph.  The answer is kept on the module, so later plans reuse it.
+    single_use = module.__dict__.setdefault("_moe_offload_norm_single_use", {})
+    single = single_use.get(x.dtype)
+    if single is None:
+        y = inner(x)
+        single = (not x.requires_grad or not isinstance(y, torch.Tensor)
+                  or y.grad_fn is None or _uses_of_input(y, x) == 1)
+        single_use[x.dtype] = single
+        del y
+    if not single:
+        return _ckpt_forward(inner, x)
+    return _RecomputeNorm.apply(inner, x, *params)
+
+
 _MISSING = object()
 
 
@@ -180,6 +265,13 @@ class Wrappers:
         had = "forward" in module.__dict__
         prev = module.__dict__.get("forward")
         module.forward = functools.partial(_ckpt_forward, module.forward)
+        self._forwards.append((module, had, prev))
+
+    def recompute_norm(self, module: nn.Module) -> None:
+        """Recompute a norm module in backward, saving only its input (:class:`_RecomputeNorm`)."""
+        had = "forward" in module.__dict__
+        prev = module.__dict__.get("forward")
+        module.forward = functools.partial(_recompute_norm_forward, module, module.forward)
         self._forwards.append((module, had, prev))
 
     def set_attr(self, module: nn.Module, name: str, value) -> None:
@@ -243,7 +335,7 @@ def install_recompute(layer: nn.Module, option: str, wrappers: Wrappers) -> None
     mods = layer_modules(layer)
     for _, (m, kind) in mods.items():
         if kind == "norm":
-            wrappers.checkpoint_module(m)
+            wrappers.recompute_norm(m)
     for _, (m, kind) in mods.items():
         if option == "norms+fc1" and kind == "experts" and _has_recompute_switch(m):
             wrappers.set_attr(m, _recompute_attr(m), "fc1")
