@@ -316,7 +316,7 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     for opt, total in pooled_extras(samples).items():
         split_extra(figures, opt, total)
     if calibrate if calibrate is not None else (cuda and not emulate):
-        calibrate_recompute(model, layers, step_fn, figures, iters=max(iters, 3), warmup=warmup,
+        calibrate_recompute(model, layers, step_fn, figures, iters=max(iters, 4), warmup=warmup,
                             min_offload_bytes=min_offload_bytes, emulate=emulate)
         calibrate_offload(model, layers, step_fn, figures, iters=iters, warmup=warmup,
                           min_offload_bytes=min_offload_bytes, emulate=emulate)
