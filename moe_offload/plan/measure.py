@@ -163,11 +163,13 @@ def count_saved(model: nn.Module, layers: nn.ModuleList, step_fn: Callable[[], t
 @dataclass
 class StepTiming:
     """Median seconds: ``fwd_s`` (step_fn), ``bwd_s`` (its backward), ``layer_fwd_s``
-    (each layer's forward), ``pre_s`` (start of forward to the first layer)."""
+    (each layer's forward), ``pre_s`` (start of forward to the first layer);
+    ``step_samples``: every timed step (forward + backward), in order."""
     fwd_s: float
     bwd_s: float
     layer_fwd_s: List[float] = field(default_factory=list)
     pre_s: float = 0.0
+    step_samples: List[float] = field(default_factory=list)
 
     @property
     def step_s(self) -> float:
@@ -232,7 +234,7 @@ def time_step(layers: nn.ModuleList, step_fn: Callable[[], torch.Tensor], iters:
             h.remove()
     layer_fwd = [statistics.median(col) for col in zip(*per_layer)]
     return StepTiming(statistics.median(fwd), statistics.median(bwd), layer_fwd,
-                      statistics.median(pre))
+                      statistics.median(pre), [a + b for a, b in zip(fwd, bwd)])
 
 
 def activation_bytes_after_forward(step_fn: Callable[[], torch.Tensor],

@@ -15,6 +15,7 @@ loss checkpoint 4% for about 1 ms, whole layers (inputs offloaded) all but the i
 from __future__ import annotations
 
 import gc
+import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -25,11 +26,11 @@ from ..offload import OptOutContext, get_cpu_offload_context, mark_not_offload, 
 from .measure import (activation_bytes_after_forward, count_saved, pinned_bandwidth, time_step)
 from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_function,
                       install_loss_checkpoint, install_recompute, layer_modules, options_for)
-from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction, predict,
-                    refine, search)
+from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction,
+                    pooled_extras, predict, refine, search, split_extra)
 
 __all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose",
-           "calibrate_offload", "probe_plans"]
+           "calibrate_offload", "calibrate_recompute", "probe_plans"]
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -246,8 +247,9 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     loss checkpoint), one counting forward and ``warmup + iters`` timed steps with the option
     on every layer.  Parameter grads
     are allocated (zeros) and zeroed before each step; they are left zeroed.
-    ``calibrate`` (default: on the GPU, not emulated): run the two probe plans of
-    :func:`calibrate_offload` (measured copy rates, per-byte offload cost)."""
+    ``calibrate`` (default: on the GPU, not emulated): time every recompute option again
+    with :func:`calibrate_recompute` (pooled measured-per-option costs), then run the two
+    probe plans of :func:`calibrate_offload` (measured copy rates, per-byte offload cost)."""
     layers = find_layers(model, layers)
     L = len(layers)
     cuda = next(model.parameters()).is_cuda
@@ -261,6 +263,7 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     groups = [dict() for _ in range(L)]
     extra = [dict() for _ in range(L)]
     shared = [dict() for _ in range(L)]
+    samples = {}
     base = None
     for opt in wanted:
         applies = [opt in per_layer[i] for i in range(L)]
@@ -279,14 +282,10 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
             if applies[i]:
                 groups[i][opt] = saved.by_layer[i]
                 shared[i][opt] = saved.shared_by_layer[i]
+        samples[opt] = list(timing.step_samples)
         if opt == "none":
             base, base_saved = timing, saved
             continue
-        share = sum(base.layer_fwd_s[i] for i in range(L) if applies[i]) or 1.0
-        delta = max(0.0, timing.step_s - base.step_s)
-        for i in range(L):
-            if applies[i]:
-                extra[i][opt] = delta * base.layer_fwd_s[i] / share
     loss_saved, loss_extra = 0, None
     if has_loss_function(model) and (options is None or "loss" in options):
         wr = Wrappers()
@@ -312,12 +311,63 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     lfs = [LayerFigures(base.layer_fwd_s[i], base.layer_fwd_s[i] * bwd_per_fwd, extra[i], groups[i],
                         shared[i]) for i in range(L)]
     figures = ModelFigures(lfs, pre, post, pre * bwd_per_fwd, post * bwd_per_fwd, int(act_none),
-                           float(bandwidth[0]), float(bandwidth[1]), int(loss_saved), loss_extra)
+                           float(bandwidth[0]), float(bandwidth[1]), int(loss_saved), loss_extra,
+                           step_samples=samples)
+    for opt, total in pooled_extras(samples).items():
+        split_extra(figures, opt, total)
     if calibrate if calibrate is not None else (cuda and not emulate):
+        calibrate_recompute(model, layers, step_fn, figures, iters=max(iters, 4), warmup=warmup,
+                            min_offload_bytes=min_offload_bytes, emulate=emulate)
         calibrate_offload(model, layers, step_fn, figures, iters=iters, warmup=warmup,
                           min_offload_bytes=min_offload_bytes, emulate=emulate)
     gc.collect()
     return layers, figures
+
+
+def recompute_probes(f: ModelFigures) -> list:
+    """``[(option, choices)]``: no plan, then every measured recompute option on every
+    layer that offers it (the rest keep everything), nothing offloaded."""
+    opts = []
+    for lf in f.layers:
+        opts += [o for o in lf.options if o not in opts]
+    opts = ["none"] + [o for o in opts if o != "none"]
+    return [(o, tuple(Choice(o if o in lf.groups else "none", 0) for lf in f.layers))
+            for o in opts]
+
+
+def calibrate_recompute(model: nn.Module, layers, step_fn, f: ModelFigures, *, iters: int = 3,
+                        warmup: int = 1, min_offload_bytes: int = 256 * 1024,
+                        emulate: bool = False) -> dict:
+    """Time no plan and each recompute option on every layer again, installed through
+    :meth:`MemoryPlan.apply`, pool the samples with :func:`measure_model`'s
+    (``f.step_samples``) and set each layer's ``extra_s`` from the pooled medians
+    (``solve.py``, "The measured-per-option recompute term").  Returns
+    ``{option: {"probe_s", "pooled_s", "samples", "extra_total_s", "before_total_s"}}``,
+    also kept in ``f.calibration["recompute"]``."""
+    cuda = next(model.parameters()).is_cuda
+    zero = _zero_grad(model)
+    before = {o: sum(lf.extra_s.get(o, 0.0) for lf in f.layers) for o in
+              {o for lf in f.layers for o in lf.options}}
+    out = {}
+    for opt, choices in recompute_probes(f):
+        pred = predict(f, list(choices), release_lag)
+        handle = MemoryPlan(model, layers, pred, None, f, min_offload_bytes, emulate).apply()
+        try:
+            timing = time_step(layers, step_fn, iters, warmup, cuda, zero)
+        finally:
+            handle.remove()
+        pooled = f.step_samples.setdefault(opt, [])
+        pooled.extend(timing.step_samples)
+        out[opt] = {"probe_s": timing.step_s, "pooled_s": statistics.median(pooled),
+                    "samples": len(pooled)}
+    extras = pooled_extras(f.step_samples)
+    for opt, total in extras.items():
+        split_extra(f, opt, total)
+        if opt in out:
+            out[opt].update(extra_total_s=total, before_total_s=before.get(opt, 0.0))
+    f.calibration["recompute"] = out
+    gc.collect()
+    return out
 
 
 def probe_plans(f: ModelFigures) -> list:
@@ -375,6 +425,8 @@ def calibrate_offload(model: nn.Module, layers, step_fn, f: ModelFigures, *, ite
         out[name].update(predicted_s=pred.step_s, d2h_Bps=f.d2h_Bps, h2d_Bps=f.h2d_Bps)
     out["attention_s_per_GB"] = f.attention_s_per_byte * 1e9
     out["block_s_per_GB"] = f.block_s_per_byte * 1e9
+    if "recompute" in f.calibration:      # calibrate_recompute's figures stay
+        out.setdefault("recompute", f.calibration["recompute"])
     f.calibration = out
     return out
 

@@ -37,7 +37,7 @@ Time (one step, the engine's schedule):
   ``j .. j-p`` not yet issued (one H2D stream at ``h2d_Bps``); a layer waits for its own.
   ``bwd_i`` is the measured backward split by forward-time share; ``extra_i`` is the
   measured step-time increase of the recompute option (run on every layer) split the same
-  way.
+  way (see "Calibration": on the GPU it is the measured-per-option term of the probes).
 
 Outside the layers, a Hugging Face model's loss can be checkpointed too (it then saves the
 bf16 logits instead of the fp32 log-softmax output): a model-wide on/off with its measured
@@ -66,16 +66,36 @@ schedule prediction, over the bytes it adds, is ``attention_s_per_byte`` /
 ``block_s_per_byte`` (never negative).  A plan pays ``bytes x rate`` for the bytes each
 layer moves (:meth:`ModelFigures.offload_cost_s`).
 
+The measured-per-option recompute term.  A recompute option costs more than re-running
+its kernels: each non-reentrant checkpoint wrapper (four RMSNorms per Qwen3-MoE layer:
+input, post-attention, q and k) adds host work per call in forward and backward (the
+saved-tensor hooks, the recompute bookkeeping), which lengthens a host-bound forward, and
+re-materializes fp32 intermediates.  So no option's cost is modelled from its kernels:
+``extra_i(option)`` is always ``(step with the option on every layer - step without a
+plan)`` split by forward share.  On the CPU (and with probes off) that difference comes
+from :func:`measure_model`'s one pass over the options (``warmup + iters`` steps each).
+On the GPU :func:`~moe_offload.plan.memory_plan.calibrate_recompute` times every offered
+option again, installed through :meth:`MemoryPlan.apply` (the path the plan then runs),
+together with a no-plan step, *before* the offload probes (whose per-byte costs must not
+absorb a recompute cost the model misses); each option's figure is the median of the
+pooled samples of both passes, minus the pooled no-plan median
+(:func:`pooled_extras`).  Pooling matters: one H200 run measured the same all-layer
+norms+fc1 configuration at 153.7 ms (two planner samples) and 156.6-173.2 ms (five bench
+samples): a host-bound step jitters by +-5%.
+
 Approximations: forward time does not depend on the option; recompute times are
 whole-model means split by forward share; the per-byte offload cost is linear.
 """
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["OFFLOAD_LEVELS", "Choice", "LayerFigures", "ModelFigures", "Prediction",
-           "resident_bytes", "moved_bytes", "predict", "search", "refine", "minimum_bytes"]
+           "resident_bytes", "moved_bytes", "predict", "search", "refine", "minimum_bytes",
+           "pooled_extras", "split_extra"]
 
 OFFLOAD_LEVELS = {
     0: frozenset(),
@@ -122,7 +142,8 @@ class ModelFigures:
     """Everything the model needs: the layers, the time before / after them, the measured
     activation memory without a plan, and the bandwidths.  ``loss_extra_s`` /
     ``loss_saved_bytes``: cost and gain of checkpointing the loss (``None``: no such
-    option)."""
+    option).  ``step_samples``: every timed step per recompute option on all layers
+    (``"none"``: no plan), pooled by :func:`pooled_extras`."""
     layers: List[LayerFigures]
     pre_fwd_s: float
     post_fwd_s: float
@@ -136,6 +157,7 @@ class ModelFigures:
     attention_s_per_byte: float = 0.0
     block_s_per_byte: float = 0.0
     calibration: dict = field(default_factory=dict)
+    step_samples: Dict[str, List[float]] = field(default_factory=dict)
 
     def offload_cost_s(self, layer: "LayerFigures", c: "Choice") -> float:
         """The measured per-byte cost of offloading beyond the copy schedule (see
@@ -170,6 +192,27 @@ class Prediction:
     def offloaded_layers(self) -> int:
         """The engine's ``num_layers``: one past the last layer that offloads (0: none)."""
         return max((i + 1 for i, c in enumerate(self.choices) if c.offload), default=0)
+
+
+def pooled_extras(samples: Dict[str, Sequence[float]]) -> Dict[str, float]:
+    """Each recompute option's measured step increase: the median of its step samples
+    minus the median of ``samples["none"]``, never negative (``{}`` without ``"none"``
+    samples; options without samples are left out)."""
+    base = list(samples.get("none", ()))
+    if not base:
+        return {}
+    none_s = statistics.median(base)
+    return {opt: max(0.0, statistics.median(v) - none_s)
+            for opt, v in samples.items() if opt != "none" and len(v)}
+
+
+def split_extra(f: "ModelFigures", option: str, total_s: float) -> None:
+    """Set ``extra_s[option]`` of the layers measured with ``option`` to ``total_s`` split by
+    their forward-time share (equal shares when no forward time was measured)."""
+    on = [lf for lf in f.layers if option in lf.groups]
+    share = sum(lf.fwd_s for lf in on)
+    for lf in on:
+        lf.extra_s[option] = total_s * (lf.fwd_s / share if share > 0 else 1.0 / len(on))
 
 
 def resident_bytes(groups: Dict[tuple, int], level: int) -> int:

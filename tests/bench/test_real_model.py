@@ -44,6 +44,7 @@ def test_qwen3_run_prints_table_plans_and_targets(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "model qwen3" in out and "targets (issue 11)" in out and "MemoryPlan: 2 layers" in out
+    assert out.count("planner calibration") == 1 and "recompute: not probed (CPU" in out
     rows = {r["strategy"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"none", "checkpoint", "plan@checkpoint", "plan@time"}
     for name, r in rows.items():

@@ -219,3 +219,37 @@ def test_calibration_probes_measure_non_negative_per_byte_costs(qwen3):
     assert f.attention_s_per_byte >= 0 and f.block_s_per_byte >= 0
     assert f.calibration is out
     assert bitwise(grads(model, step), ref)           # the probes left the model as it was
+
+
+def test_recompute_costs_without_probes_come_from_the_measured_samples(qwen3):
+    """The fallback (CPU, probes off): each option's extra is its pooled median step minus
+    no plan's, from measure_model's own timed steps; no recompute calibration ran."""
+    from moe_offload.plan.solve import pooled_extras
+    f = qwen3[3][1]
+    assert "recompute" not in f.calibration
+    assert set(f.step_samples) >= {"none", "norms", "layer"}
+    for opt, total in pooled_extras(f.step_samples).items():
+        assert sum(lf.extra_s[opt] for lf in f.layers) == pytest.approx(total)
+
+
+def test_calibrate_recompute_pools_probe_samples_and_sets_extras(qwen3):
+    from moe_offload.plan.memory_plan import calibrate_recompute, recompute_probes
+    from moe_offload.plan.solve import pooled_extras
+    model, step, ref, figs = qwen3
+    f = copy.deepcopy(figs[1])
+    probes = dict(recompute_probes(f))
+    assert list(probes)[0] == "none" and set(probes) == set(f.layers[0].options)
+    assert all(c == Choice("layer", 0) for c in probes["layer"])
+    n = {o: len(v) for o, v in f.step_samples.items()}
+    for lf in f.layers:                       # a stale figure the probes must replace
+        lf.extra_s["norms"] = 123.0
+    out = calibrate_recompute(model, figs[0], step, f, iters=2, warmup=0,
+                              min_offload_bytes=THRESHOLD, emulate=True)
+    assert {o: len(v) for o, v in f.step_samples.items()} == {o: k + 2 for o, k in n.items()}
+    extras = pooled_extras(f.step_samples)
+    for opt, total in extras.items():
+        assert out[opt]["extra_total_s"] == pytest.approx(total)
+        assert sum(lf.extra_s[opt] for lf in f.layers) == pytest.approx(total)
+    assert out["norms"]["before_total_s"] == pytest.approx(123.0 * len(f.layers))
+    assert f.calibration["recompute"] is out
+    assert bitwise(grads(model, step), ref)           # the probes left the model as it was

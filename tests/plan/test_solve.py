@@ -2,8 +2,9 @@
 import pytest
 
 from moe_offload.offload import release_lag
-from moe_offload.plan.solve import (Choice, LayerFigures, ModelFigures, moved_bytes, predict,
-                                    refine, resident_bytes, search)
+from moe_offload.plan.solve import (Choice, LayerFigures, ModelFigures, moved_bytes,
+                                    pooled_extras, predict, refine, resident_bytes, search,
+                                    split_extra)
 
 ATT, MLP, NORM = frozenset({"attention"}), frozenset({"experts"}), frozenset({"norm"})
 
@@ -97,3 +98,29 @@ def test_calibrated_offload_cost_is_per_byte_by_level():
     three = predict(f, [Choice("none", 3)] + [Choice()] * 3, release_lag).step_s
     assert three - base == pytest.approx(50 * 0.01 + 180 * 0.001)
     assert f.offload_cost_s(f.layers[0], Choice("none", 0)) == 0.0
+
+
+def test_pooled_extras_are_median_differences_never_negative():
+    samples = {"none": [10.0, 11.0, 30.0], "norms": [12.0, 13.0, 12.5, 40.0],
+               "layer": [9.0, 9.5], "norms+mlp": []}
+    got = pooled_extras(samples)
+    # medians: none 11 (the 30 s outlier does not move it), norms 12.75, layer 9.25
+    assert got == {"norms": pytest.approx(1.75), "layer": 0.0}
+    assert pooled_extras({"norms": [1.0]}) == {}          # no baseline: nothing measured
+
+
+def test_split_extra_by_forward_share_and_only_where_measured():
+    f = figures(L=3)
+    f.layers[0].fwd_s = 2.0                                # shares 2:1:1
+    del f.layers[2].groups["norms"]                       # layer 2 does not offer norms
+    f.layers[2].extra_s.pop("norms")
+    split_extra(f, "norms", 0.9)
+    assert [lf.extra_s.get("norms") for lf in f.layers] == [pytest.approx(0.6), pytest.approx(0.3),
+                                                            None]
+    # the measured total is what an all-layer plan of that option predicts on top of none
+    p = predict(f, [Choice("norms"), Choice("norms"), Choice()], release_lag)
+    assert p.step_s == pytest.approx(f.step_none_s + 0.9)
+    for lf in f.layers:
+        lf.fwd_s = 0.0                                   # no forward time: equal shares
+    split_extra(f, "norms", 0.9)
+    assert f.layers[0].extra_s["norms"] == pytest.approx(0.45)
