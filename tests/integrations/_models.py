@@ -60,11 +60,21 @@ def clone(model):
 _OLD_CLASSES = {}
 
 
+def hf_hooks_inside() -> bool:
+    """True for the installed transformers' own placement being "module hooks inside the
+    checkpoint" (<= 5.17: ``GradientCheckpointingLayer`` defines ``__call__``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return "__call__" in GradientCheckpointingLayer.__dict__
+
+
 def emulate_hooks_inside_checkpoint(model):
     """Make ``model``'s decoder layers behave like transformers <= 5.17: the layer's
     ``__call__`` checkpoints ``nn.Module.__call__`` (so module hooks run inside the
-    checkpointed function and again in the backward recomputation)."""
+    checkpointed function and again in the backward recomputation).  With such a
+    transformers installed, that is already the model's own behaviour: nothing changes."""
     from moe_offload.integrations.transformers import find_decoder_layers
+    if hf_hooks_inside():
+        return model
     for layer in find_decoder_layers(model):
         cls = type(layer)
         sub = _OLD_CLASSES.get(cls)

@@ -4,7 +4,8 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 
-from ._models import (batch, clone, emulate_hooks_inside_checkpoint, loss_of, tiny_model)
+from ._models import (batch, clone, emulate_hooks_inside_checkpoint, hf_hooks_inside, loss_of,
+                      tiny_model)
 from moe_offload.integrations.transformers import find_decoder_layers, offload
 
 
@@ -99,15 +100,18 @@ def test_hf_checkpointing_plus_offload_bitwise_and_offloads_only_inputs(arch, pl
 
 def test_checkpointing_enabled_after_offload_and_hooks_run_once():
     model = tiny_model("qwen3_moe")
+    layer_cls = type(model.model.layers[0])
     calls = []
     model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     handle = offload(model, min_offload_bytes=0)
     model.gradient_checkpointing_enable()          # after offload(): still only the inputs travel
     loss_of(model, batch()).loss.backward()
     assert handle.stats()["offloaded_tensors"] == handle.num_layers
-    assert len(calls) == 1          # transformers >= 5.24: hooks outside the checkpoint
+    # transformers >= 5.24 runs module hooks outside the checkpoint (once); <= 5.17 inside
+    # it, so HF's recomputation runs them again in backward (not ours to change)
+    assert len(calls) == (2 if hf_hooks_inside() else 1)
     handle.remove()
-    assert type(model.model.layers[0]).__call__ is torch.nn.Module.__call__
+    assert type(model.model.layers[0]) is layer_cls
 
 
 def test_bad_arguments_and_double_offload():

@@ -155,7 +155,16 @@ def test_hf_qwen3_moe_gradient_checkpointing(reentrant):
     try:
         got, fwd = step()
         assert_bitwise(ref, got)
-        assert fwd["offloaded_tensors"] > 0
+        # transformers <= 5.17 runs module hooks inside the checkpoint: a reentrant one runs
+        # the forward without grad, so the layers save nothing for the engine to move; with
+        # >= 5.24 (hooks outside) each layer's checkpoint inputs travel.  Either way the
+        # backward's recomputation moves nothing.
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        hooks_inside = "__call__" in GradientCheckpointingLayer.__dict__
+        if hooks_inside and reentrant:
+            assert fwd["offloaded_tensors"] == 0
+        else:
+            assert fwd["offloaded_tensors"] > 0
         assert handle.stats()["offloaded_tensors"] == fwd["offloaded_tensors"]
         assert no_saved_tensor_hooks()
     finally:
