@@ -2,8 +2,9 @@
 
 Left: one point per configuration, x = activation memory and y = step time, both as
 ratios to ``none``; peers red, ours blue, the baseline black, the peers' published
-figures as hollow grey markers.  Right: memory over one step for ``none`` and the best
-offload configuration.  Needs matplotlib (``pip install 'moe_offload[bench]'``).
+figures as hollow grey markers (synthetic stacks only).  Right, when traces were recorded
+(the synthetic stacks): memory over one step for ``none`` and the best offload
+configuration.  Needs matplotlib (``pip install 'moe_offload[bench]'``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ def write_plot(report: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return PLOT_HINT
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(14, 6))
+    traces = {k: tr for k, tr in report.get("traces", {}).items() if "t_s" in tr}
+    real = report.get("config", {}).get("model") == "qwen3"
+    if traces:
+        fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(14, 6))
+    else:                     # no memory trace recorded (the real-model job): one panel
+        fig, ax = plt.subplots(1, 1, figsize=(8, 6))
     rows = [r for r in report["rows"] if r["status"] == "ok" and r.get("act_x") is not None]
     for r in rows:
         # System view: peers on unfused and ours on fused, all relative to unfused none,
@@ -46,7 +52,7 @@ def write_plot(report: dict, path: str) -> Optional[str]:
         ax.scatter([ax_], [tx], color=_COLORS.get(r["owner"], "gray"), marker=marker, zorder=3)
         ax.annotate(f"{r['stack']}:{r['strategy']}", (ax_, tx), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    for p in (PUBLISHED if report.get("config", {}).get("model") != "qwen3" else ()):
+    for p in (PUBLISHED if not real else ()):
         ax.scatter([p.act_x], [p.time_x], facecolors="none", edgecolors="gray", marker="D", zorder=2)
         ax.annotate(p.name, (p.act_x, p.time_x), fontsize=7, color="gray",
                     xytext=(3, -9), textcoords="offset points")
@@ -54,21 +60,23 @@ def write_plot(report: dict, path: str) -> Optional[str]:
     ax.legend(handles=[Line2D([], [], color=c, marker="o", linestyle="", label=k) for k, c in _COLORS.items()]
               + [Line2D([], [], color="gray", marker="D", markerfacecolor="none", linestyle="",
                         label="published (not measured)")], fontsize=8, loc="upper right")
-    ax.set_xlabel("activation memory (x unfused none; o = our fused stack, s = unfused)")
-    ax.set_ylabel("step time (x unfused none)")
+    if real:
+        ax.set_xlabel("activation memory (x none: the Hugging Face model as it is)")
+        ax.set_ylabel("step time (x none)")
+    else:
+        ax.set_xlabel("activation memory (x unfused none; o = our fused stack, s = unfused)")
+        ax.set_ylabel("step time (x unfused none)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title("step time vs activation memory (red peers, blue ours, grey published)")
 
-    for name, tr in report.get("traces", {}).items():
-        if "t_s" not in tr:
-            continue
-        ax_t.plot([t * 1e3 for t in tr["t_s"]], [b / 2**20 for b in tr["bytes"]], marker=".", label=name)
-        ax_t.axvline(tr["fwd_end_s"] * 1e3, color="gray", alpha=0.3, linestyle="--")
-    ax_t.set_xlabel("time in step (ms; dashed: end of forward)")
-    ax_t.set_ylabel("memory above step start (MiB)")
-    ax_t.set_title("memory over one step")
-    if report.get("traces"):
+    if traces:
+        for name, tr in traces.items():
+            ax_t.plot([t * 1e3 for t in tr["t_s"]], [b / 2**20 for b in tr["bytes"]], marker=".", label=name)
+            ax_t.axvline(tr["fwd_end_s"] * 1e3, color="gray", alpha=0.3, linestyle="--")
+        ax_t.set_xlabel("time in step (ms; dashed: end of forward)")
+        ax_t.set_ylabel("memory above step start (MiB)")
+        ax_t.set_title("memory over one step")
         ax_t.legend(fontsize=8)
     env = report["env"]
     fig.suptitle(f"moe_offload bench | {env['device']} | torch {env['torch']} | {env['date']}", fontsize=9)
