@@ -15,6 +15,20 @@ from .table import format_checks, format_env, format_table
 __all__ = ["bench_main", "run_and_report", "run_and_report_real"]
 
 
+def _write_files(report: dict, cfg: BenchConfig, out) -> None:
+    """``--json`` and ``--plot`` (a failed plot is reported, not raised: the figures are
+    printed and saved already)."""
+    if cfg.json_path:
+        write_json(report, cfg.json_path)
+        print(f"wrote {cfg.json_path}", file=out)
+    if cfg.plot_path:
+        try:
+            hint = write_plot(report, cfg.plot_path)
+        except Exception as e:
+            hint = f"plot failed: {type(e).__name__}: {e}"
+        print(hint if hint else f"wrote {cfg.plot_path}", file=out)
+
+
 def run_and_report(cfg: BenchConfig, out=None) -> dict:
     """Run ``cfg``, print the report to ``out`` (stdout), write JSON/plot; return the report."""
     out = out or sys.stdout
@@ -26,15 +40,7 @@ def run_and_report(cfg: BenchConfig, out=None) -> dict:
     print(format_env(result["env"], result["config"]), file=out)
     print(format_table(result["rows"]), file=out)
     print(format_checks(checks), file=out)
-    if cfg.json_path:
-        write_json(report, cfg.json_path)
-        print(f"wrote {cfg.json_path}", file=out)
-    if cfg.plot_path:
-        try:
-            hint = write_plot(report, cfg.plot_path)
-        except Exception as e:  # the figures are printed and saved already
-            hint = f"plot failed: {type(e).__name__}: {e}"
-        print(hint if hint else f"wrote {cfg.plot_path}", file=out)
+    _write_files(report, cfg, out)
     return report
 
 
@@ -59,15 +65,7 @@ def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     print(format_check_note(result["rows"]), file=out)
     print(format_plans(result["rows"]), file=out)
     print(format_targets(checks["targets"]), file=out)
-    if cfg.json_path:
-        write_json(report, cfg.json_path)
-        print(f"wrote {cfg.json_path}", file=out)
-    if cfg.plot_path:
-        try:
-            hint = write_plot(report, cfg.plot_path)
-        except Exception as e:  # the figures are printed and saved already
-            hint = f"plot failed: {type(e).__name__}: {e}"
-        print(hint if hint else f"wrote {cfg.plot_path}", file=out)
+    _write_files(report, cfg, out)
     return report
 
 

@@ -18,20 +18,22 @@ import torch
 from .context import get_cpu_offload_context
 from .params import PARAM_STORAGES
 
-__all__ = ["offload_module_list", "OffloadModuleListHandle"]
+__all__ = ["offload_module_list", "OffloadModuleListHandle", "first_grad_tensor"]
 
 
-def _first_grad_tensor(output: Any):
+def first_grad_tensor(output: Any):
+    """The first tensor that requires grad in a module's output (a tensor, or nested
+    tuples/lists/dicts of them), or ``None``."""
     if isinstance(output, torch.Tensor):
         return output if output.requires_grad else None
     if isinstance(output, (list, tuple)):
         for item in output:
-            found = _first_grad_tensor(item)
+            found = first_grad_tensor(item)
             if found is not None:
                 return found
     if isinstance(output, dict):
         for item in output.values():
-            found = _first_grad_tensor(item)
+            found = first_grad_tensor(item)
             if found is not None:
                 return found
     return None
@@ -87,7 +89,7 @@ def offload_module_list(module_list: torch.nn.ModuleList, **kwargs) -> OffloadMo
         ctx.__exit__(*exc)
         if exc[0] is not None or not torch.is_grad_enabled():
             return None
-        x = _first_grad_tensor(output)
+        x = first_grad_tensor(output)
         if x is not None:
             sync(x)
         return None

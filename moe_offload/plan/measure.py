@@ -122,7 +122,13 @@ def count_saved(model: nn.Module, layers: nn.ModuleList, step_fn: Callable[[], t
             if ptr not in fixed and not leaf_input and not isinstance(t, nn.Parameter) \
                     and st.nbytes() > 0:
                 alias = t.detach()
-                entry = storages.setdefault((ptr, t.device), [st.nbytes(), []])
+                # An address whose earlier saves are all dead belongs to a new storage now
+                # (the allocator reuses addresses: e.g. a graph the forward dropped): start
+                # its entry afresh rather than merge two storages under one size.
+                key = (ptr, t.device)
+                entry = storages.get(key)
+                if entry is None or all(ref() is None for _, ref in entry[1]):
+                    entry = storages[key] = [st.nbytes(), []]
                 entry[1].append((loc.where(), weakref.ref(alias)))
                 return alias
             return t.detach()

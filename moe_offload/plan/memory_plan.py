@@ -22,7 +22,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..offload import OptOutContext, get_cpu_offload_context, mark_not_offload, release_lag
+from ..offload import (OptOutContext, first_grad_tensor, get_cpu_offload_context, mark_not_offload,
+                       release_lag)
 from .measure import (activation_bytes_after_forward, count_saved, pinned_bandwidth, time_step)
 from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_function,
                       install_loss_checkpoint, install_recompute, layer_modules, options_for)
@@ -34,22 +35,6 @@ __all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_pla
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
-
-
-def _first_grad_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output if output.requires_grad else None
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_grad_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        for item in output.values():
-            found = _first_grad_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _leaf_inputs(args, kwargs):
@@ -167,7 +152,7 @@ class MemoryPlan:
                 finally:
                     ctx.__exit__(*exc)
                 if exc[0] is None and torch.is_grad_enabled():
-                    x = _first_grad_tensor(output)
+                    x = first_grad_tensor(output)
                     if x is not None:
                         sync(x)
 

@@ -32,12 +32,12 @@ handle holds the engine); ``state_dict`` is unaffected.
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from ...offload import get_cpu_offload_context
+from ...offload import first_grad_tensor, get_cpu_offload_context
 
 __all__ = ["offload", "OffloadHandle", "find_decoder_layers"]
 
@@ -83,19 +83,6 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(found, key=_num_params)
 
 
-def _first_grad_tensor(output: Any) -> Optional[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return output if output.requires_grad else None
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_grad_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
 def _offloading_call(self, *args, **kwargs):
     """``__call__`` of the swapped decoder layer class: one engine layer per call."""
     handle = self.__dict__[_HANDLE_ATTR]
@@ -108,7 +95,7 @@ def _offloading_call(self, *args, **kwargs):
         raise
     ctx.__exit__(None, None, None)
     if torch.is_grad_enabled():
-        x = _first_grad_tensor(output)
+        x = first_grad_tensor(output)
         if x is not None:
             handle.sync(x)
     return output
