@@ -585,9 +585,10 @@ class CpuOffloadContext:
         es = t.element_size()
         size, stride, off = tuple(t.shape), tuple(t.stride()), t.storage_offset()
         span = 1 + sum((sz - 1) * st for sz, st in zip(size, stride))
+        whole_key = ("storage", ptr, t.device, version)
         if 2 * span * es >= storage_bytes:        # covers >= 50%: move the storage once
             mode, start, nbytes = RANGE, 0, storage_bytes
-            key = ("storage", ptr, t.device, version)
+            key = whole_key
         elif span <= t.numel():                   # small dense (or overlapping, e.g.
             # expanded) view: its byte span holds no holes; move the span, restore exact
             mode, start, nbytes = RANGE, off * es, span * es
@@ -595,8 +596,8 @@ class CpuOffloadContext:
         else:                                     # small strided view: contiguous copy
             mode, start, nbytes = COPY, 0, t.numel() * es
             key = ("copy", ptr, t.device, version, off, size, stride, t.dtype)
-        whole_key = ("storage", ptr, t.device, version)
-        for k in (whole_key, key):     # dedup: the whole storage, or this exact range
+        # dedup: the whole storage, or this exact range
+        for k in ((key,) if key is whole_key else (whole_key, key)):
             ref = self._live.get(k)
             rec = ref() if ref is not None else None
             if rec is not None and rec.state is State.COPYING:
@@ -615,7 +616,7 @@ class CpuOffloadContext:
                     stacklevel=3)
             return self._keep(t)
         stamped = getattr(t, marks.READY_EVENT_ATTR, None)
-        if stamped is not None and stamped[0] == t._version:
+        if stamped is not None and stamped[0] == version:
             ready = stamped[1]
         else:
             ready = self.backend.record_event(self.backend.current_stream())

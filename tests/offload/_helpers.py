@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import weakref
 
+import gc
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
@@ -62,6 +64,17 @@ def run_stack(layers, x, ctx_kwargs=None, call=None, loss=None, retain_graph=Fal
     grads = [x.grad] + [p.grad.clone() for layer in layers for p in layer.parameters()
                         if p.grad is not None]
     return h.detach(), grads, ctx
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct storages of every live plain tensor (after ``gc.collect()``)."""
+    gc.collect()
+    seen, n = set(), 0
+    for o in gc.get_objects():
+        if type(o) is torch.Tensor and o.untyped_storage().data_ptr() not in seen:
+            seen.add(o.untyped_storage().data_ptr())
+            n += o.untyped_storage().nbytes()
+    return n
 
 
 def assert_bitwise(ref, got):

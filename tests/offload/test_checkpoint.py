@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointError, checkpoint
 
 from moe_offload.offload import get_cpu_offload_context, offloaded_checkpoint
-from tests.offload._helpers import assert_bitwise, forward_stack
+from tests.offload._helpers import assert_bitwise, forward_stack, live_tensor_bytes
 
 
 def _grads(x, params):
@@ -306,15 +306,6 @@ def test_create_graph_double_backward():
 def test_nothing_outlives_the_step():
     """Holders, recomputed tensors and the saved inputs go with the graph: the objects
     the outer hooks packed for the inputs die, and live tensor bytes return to the start."""
-    def live_bytes():
-        gc.collect()
-        seen, n = set(), 0
-        for o in gc.get_objects():
-            if type(o) is torch.Tensor and o.untyped_storage().data_ptr() not in seen:
-                seen.add(o.untyped_storage().data_ptr())
-                n += o.untyped_storage().nbytes()
-        return n
-
     class Box:
         def __init__(self, t):
             self.t = t
@@ -328,7 +319,7 @@ def test_nothing_outlives_the_step():
 
     layers = [DropBlock() for _ in range(3)]
     x = torch.randn(64, 16)
-    before = live_bytes()
+    before = live_tensor_bytes()
     for _ in range(2):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
             h = forward_stack(layers, x, call=lambda l, t: offloaded_checkpoint(l, t))
@@ -339,7 +330,7 @@ def test_nothing_outlives_the_step():
         assert len(packed) == 0
         for l in layers:
             l.zero_grad(set_to_none=True)
-    assert live_bytes() == before
+    assert live_tensor_bytes() == before
 
 
 # ------------------------------------------- custom-function node lifetime (torch 2.11)

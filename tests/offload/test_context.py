@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moe_offload.offload import get_cpu_offload_context, is_cpu_offload_enabled
-from tests.offload._helpers import SMALL, Block, assert_bitwise, no_saved_tensor_hooks, run_stack
+from tests.offload._helpers import (SMALL, Block, assert_bitwise, forward_stack,
+                                    no_saved_tensor_hooks, run_stack)
 
 EMU = dict(emulate=True, min_offload_bytes=SMALL)
 
@@ -14,15 +15,6 @@ EMU = dict(emulate=True, min_offload_bytes=SMALL)
 def _layers(L=3):
     torch.manual_seed(0)
     return [Block() for _ in range(L)]
-
-
-def _forward(layers, x, ctx, sync):
-    h = x
-    for layer in layers:
-        with ctx:
-            h = layer(h)
-        h = sync(h)
-    return h
 
 
 def test_no_grad_forward_does_not_teach_layer_count():
@@ -34,12 +26,12 @@ def test_no_grad_forward_does_not_teach_layer_count():
     x = torch.randn(16, 32)
     ctx, sync = get_cpu_offload_context(True, **EMU)      # num_layers: all but last
     with torch.no_grad():
-        _forward(layers, x, ctx, sync)
+        forward_stack(layers, x, ctx, sync)
     assert ctx.stats()["kept_on_device_tensors"] == 0     # nothing saved, no layer
-    _forward(layers, x.requires_grad_(), ctx, sync).sum().backward()
+    forward_stack(layers, x.requires_grad_(), ctx, sync).sum().backward()
     assert ctx.model_layers == L
     ctx.reset_stats()
-    _forward(layers, x, ctx, sync).sum().backward()
+    forward_stack(layers, x, ctx, sync).sum().backward()
     assert ctx.stats()["offloaded_tensors"] == 2 * (L - 1)   # last layer resident
 
 
@@ -254,7 +246,7 @@ def test_steps_leave_nothing_alive_and_need_no_gc(case):
         x = torch.randn(16, 32, requires_grad=True)
         if case == "no_grad_between":
             with torch.no_grad():
-                _forward(layers, x, ctx, sync)
+                forward_stack(layers, x, ctx, sync)
         h = x
         for layer in layers:
             with ctx:

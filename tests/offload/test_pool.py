@@ -6,17 +6,9 @@ import torch
 from moe_offload.offload import get_cpu_offload_context
 from moe_offload.offload.backend import EmulateBackend
 from moe_offload.offload.pool import PinnedPool, size_class
-from tests.offload._helpers import SMALL, Block
+from tests.offload._helpers import SMALL, Block, forward_stack
 
 EMU = dict(emulate=True, min_offload_bytes=SMALL)
-
-
-def _enter_layers(ctx, sync, layers, h):
-    for layer in layers:
-        with ctx:
-            h = layer(h)
-        h = sync(h)
-    return h
 
 
 def test_pool_reused_across_steps_and_trimmed():
@@ -24,7 +16,7 @@ def test_pool_reused_across_steps_and_trimmed():
     ctx, sync = get_cpu_offload_context(True, 2, 3, **EMU)
     for T in (16, 24, 16, 24, 20, 16):          # varying token counts (MoE-like)
         x = torch.randn(T, 32, requires_grad=True)
-        _enter_layers(ctx, sync, layers, x).sum().backward()
+        forward_stack(layers, x, ctx, sync).sum().backward()
         if T == 24 and ctx.stats()["pinned_allocs"] > 0:
             allocs_after_warmup = ctx.stats()["pinned_allocs"]
     gc.collect()
@@ -32,7 +24,7 @@ def test_pool_reused_across_steps_and_trimmed():
     assert ctx.pool.lent == 0 and ctx.stats()["pinned_pool_bytes"] > 0
     ctx2, sync2 = get_cpu_offload_context(True, 2, 3, retain_pinned_cpu_buffers=False, **EMU)
     x = torch.randn(16, 32, requires_grad=True)
-    _enter_layers(ctx2, sync2, layers, x).sum().backward()
+    forward_stack(layers, x, ctx2, sync2).sum().backward()
     gc.collect()
     assert ctx2.stats()["pinned_pool_bytes"] == 0
 

@@ -1,10 +1,10 @@
 """Tests for MoE against a naive per-token loop, the aux loss, and the no-host-sync rule."""
-import gc
 
 import pytest
 import torch
 
 from moe_offload.ops import GroupedLinear, GroupedMLP, MoE
+from tests.offload._helpers import forward_stack, live_tensor_bytes
 from tests.reference import act_ref, bound_check
 
 
@@ -121,16 +121,6 @@ def test_aux_loss_coef_zero_attaches_nothing():
     assert m.aux_loss.item() == 0.0
 
 
-def _live_tensor_bytes():
-    gc.collect()
-    seen, n = set(), 0
-    for o in gc.get_objects():
-        if type(o) is torch.Tensor and o.untyped_storage().data_ptr() not in seen:
-            seen.add(o.untyped_storage().data_ptr())
-            n += o.untyped_storage().nbytes()
-    return n
-
-
 _MODES = ["plain", "torch_reentrant", "torch_non_reentrant", "offloaded_checkpoint",
           "offload", "offload+offloaded_checkpoint"]
 
@@ -152,14 +142,7 @@ def _moe_step(layers, x0, mode):
     for l in layers:
         l.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_()
-    h = x
-    for l in layers:
-        if ctx is None:
-            h = call(l, h)
-        else:
-            with ctx:
-                h = call(l, h)
-            h = sync(h)
+    h = forward_stack(layers, x, ctx, sync, call)
     h.square().mean().backward()      # the task loss only: the aux loss is attached
     return [x.grad] + [p.grad for l in layers for p in _params(l)]
 
@@ -172,7 +155,7 @@ def test_aux_loss_under_checkpoint_and_offload_is_bitwise_and_leaves_no_graph():
     x0 = torch.randn(40, 16)
     ref = _moe_step(layers, x0, "plain")
     assert all(g is not None for g in ref)
-    base = _live_tensor_bytes()
+    base = live_tensor_bytes()
     for mode in _MODES:
         for step in range(2):
             got = _moe_step(layers, x0, mode)
@@ -181,7 +164,7 @@ def test_aux_loss_under_checkpoint_and_offload_is_bitwise_and_leaves_no_graph():
             del got
             for l in layers:
                 l.zero_grad(set_to_none=True)
-        assert _live_tensor_bytes() <= base, mode
+        assert live_tensor_bytes() <= base, mode
 
 
 def test_bad_input():
