@@ -3,23 +3,45 @@
 #
 # Steps (each with a time cap; a failure does not stop the next step; logs under $OUT):
 #   cuda_tests   every CUDA test: python -m pytest tests -m cuda -q         -> cuda_tests.log
-#   main         the main job: python -m moe_offload (the Hugging Face Qwen3-MoE slice at 8192
-#                tokens: peers vs our plans) --json main.json --plot main.png -> main.log
+#   main         the main job: python -m moe_offload --model full (Qwen3-30B-A3B at full depth and
+#                vocabulary, LoRA + AdamW: each strategy's longest sequence and tokens/s, ours
+#                through moe_offload.fit) --json main.json                   -> main.log
+#                Its --time-budget is what is left of TOTAL_S (default 560 s) since this script
+#                started, less 60 s of start-up (MAIN_BUDGET=seconds overrides); alone it gets
+#                about 475 s (wheels and env.txt take the rest).
+#   slice        the 8-layer slice at 8192 tokens: peers, and our plans budgeted at each peer's
+#                measured step peak: --model slice --json slice.json --plot slice.png -> slice.log
 #   hf_experts   python -m moe_offload.bench.hf_experts (our experts vs HF grouped_mm)   -> hf_experts.log
 #   bench        the synthetic stacks: python -m moe_offload bench --preset medium     -> bench.log
 #   layers       scripts/bench_grouped_mlp.py and scripts/bench_fp8.py at two shapes   -> layers.log
 #   fp8_profile  scripts/bench_fp8.py --probe and --profile                              -> fp8_profile.log
-# No argument runs "cuda_tests main hf_experts" (about 8 minutes on an H200, within one
-# 10-minute device call); "all" runs every step (two calls' worth: split it).
+# No argument runs "cuda_tests main" (the main job then gets what the tests left of TOTAL_S);
+# for the main job's full budget use two device calls: "cuda_tests slice" then "main".
+# "all" runs every step (three calls' worth: split it).
+# Wheels: packages the GPU image lacks travel in .whl/ (carry it): .whl/main/*.whl (Liger
+# Kernel) go to /tmp/site on PYTHONPATH; .whl/torchtune/*.whl (torchtune 0.6.1, torchao 0.15,
+# omegaconf, antlr4) go to /tmp/site_tt, which joins sys.path only when a torchtune row runs
+# ($MOE_OFFLOAD_TORCHTUNE_PATH): torchtune needs a torchao that recent peft refuses beside LoRA.
 # A short summary table is printed last.
 set -u
+T_START=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-STEPS=${*:-cuda_tests main hf_experts}
-[ "$STEPS" = all ] && STEPS="cuda_tests main hf_experts bench layers fp8_profile"
+PIP_WHEELS="-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+if ls .whl/main/*.whl >/dev/null 2>&1; then
+  $PY $PIP_WHEELS --target /tmp/site .whl/main/*.whl > "$OUT/wheels.log" 2>&1 \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "wheels .whl/main failed: see $OUT/wheels.log"
+fi
+if ls .whl/torchtune/*.whl >/dev/null 2>&1; then
+  $PY $PIP_WHEELS --target /tmp/site_tt .whl/torchtune/*.whl >> "$OUT/wheels.log" 2>&1 \
+    && export MOE_OFFLOAD_TORCHTUNE_PATH=/tmp/site_tt || echo "wheels .whl/torchtune failed: see $OUT/wheels.log"
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+STEPS=${*:-cuda_tests main}
+[ "$STEPS" = all ] && STEPS="cuda_tests main slice hf_experts bench layers fp8_profile"
+TOTAL_S=${TOTAL_S:-560}
 
 run_step() {  # name cap log cmd...
   local name=$1 cap=$2 log=$3; shift 3
@@ -33,7 +55,9 @@ run_step() {  # name cap log cmd...
 
 : > "$OUT/steps.txt"
 (nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv; \
- $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)") \
+ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; \
+ $PY -c "import peft; print('peft', peft.__version__)" 2>&1 | tail -n 1; \
+ $PY -c "import liger_kernel, importlib.metadata as m; print('liger_kernel', m.version('liger_kernel'))" 2>&1 | tail -n 1) \
   > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -47,8 +71,12 @@ for step in $STEPS; do
   case $step in
     cuda_tests) run_step cuda_tests "${TEST_CAP:-240}" "$OUT/cuda_tests.log" \
                   $PY -m pytest tests -m cuda -q -p no:cacheprovider ;;
-    main)       run_step main "${MAIN_CAP:-240}" "$OUT/main.log" $PY -m moe_offload --no-progress \
-                  --json "$OUT/main.json" --plot "$OUT/main.png" ;;
+    main)       left=$(( TOTAL_S - ($(date +%s) - T_START) - 60 ))
+                budget=${MAIN_BUDGET:-$(( left < 120 ? 120 : left ))}
+                run_step main "${MAIN_CAP:-$(( budget + 120 ))}" "$OUT/main.log" $PY -m moe_offload \
+                  --model full --time-budget "$budget" --json "$OUT/main.json" ;;
+    slice)      run_step slice "${SLICE_CAP:-300}" "$OUT/slice.log" $PY -m moe_offload --model slice \
+                  --no-progress --json "$OUT/slice.json" --plot "$OUT/slice.png" ;;
     hf_experts) run_step hf_experts "${HF_CAP:-100}" "$OUT/hf_experts.log" $PY -m moe_offload.bench.hf_experts ;;
     bench)      run_step bench "${BENCH_CAP:-260}" "$OUT/bench.log" $PY -m moe_offload bench --preset medium \
                   --iters 8 --warmup 3 --no-progress --json "$OUT/bench.json" --plot "$OUT/bench.png" ;;
@@ -58,7 +86,7 @@ for step in $STEPS; do
   esac
 done
 
-for log in main bench; do
+for log in main slice bench; do
   [ -f "$OUT/$log.log" ] || continue
   echo
   echo "=== $log: table and checks ($OUT/$log.log)"
@@ -74,7 +102,8 @@ while IFS='|' read -r name rc secs; do
     layers) res=$(grep -ciE 'speedup|x bf16|ms' "$OUT/layers.log" | sed 's/$/ timing lines/') ;;
     fp8_profile) res="$(grep -c '\[probe\].*OK' "$OUT/fp8_profile.log") probes OK, $(grep -c '\[probe\].*FAIL' "$OUT/fp8_profile.log") FAIL; $(grep -E '^  sum ' "$OUT/fp8_profile.log" | head -n 1)" ;;
     cuda_tests) res=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/cuda_tests.log" | tail -n 1) ;;
-    main|bench) res="$(grep -cE 'PASS' "$OUT/$name.log") PASS, $(grep -cE 'FAIL' "$OUT/$name.log") FAIL, $(grep -cE '\[error\]' "$OUT/$name.log") error rows" ;;
+    main|slice) res="$(grep -cE '^  PASS' "$OUT/$name.log") PASS, $(grep -cE '^  FAIL' "$OUT/$name.log") FAIL, $(grep -cE '^[^ ].*\[(error|skipped)\]' "$OUT/$name.log") error/skipped rows" ;;
+    bench) res="$(grep -cE 'PASS' "$OUT/$name.log") PASS, $(grep -cE 'FAIL' "$OUT/$name.log") FAIL, $(grep -cE '\[error\]' "$OUT/$name.log") error rows" ;;
     hf_experts) res="$(grep -cE '^\| [a-z]' "$OUT/hf_experts.log") rows" ;;
   esac
   [ "$rc" = 124 ] && res="TIMED OUT after ${secs}s; $res"

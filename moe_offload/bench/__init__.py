@@ -4,7 +4,6 @@ Run it as ``python -m moe_offload [bench]`` (see ``--help``).  Modules, in readi
 
 - :mod:`~moe_offload.bench.config`: presets, flags, validation;
 - :mod:`~moe_offload.bench.models`: the fused / unfused / MoE stacks;
-- :mod:`~moe_offload.bench.planner`: per-layer plans (offload / fc1 recompute) for a budget;
 - :mod:`~moe_offload.bench.strategies`: the strategies as data, their runners;
 - :mod:`~moe_offload.bench.measure`: bandwidth, timing, memory, saved bytes, grads;
 - :mod:`~moe_offload.bench.run`: runs every (stack, strategy) pair, derives ratios;
@@ -15,10 +14,9 @@ Run it as ``python -m moe_offload [bench]`` (see ``--help``).  Modules, in readi
 """
 from .checks import Point, comparisons, dominance_check, hideable_check, lower_bound_check
 from .config import PRESETS, BenchConfig
-from .planner import LayerCosts, Plan, plan_for_budget, plan_hidden
 from .run import run_bench
 from .strategies import Strategy, plan_hideable_layers, strategy_list
 
 __all__ = ["BenchConfig", "PRESETS", "run_bench", "Strategy", "strategy_list",
            "plan_hideable_layers", "Point", "dominance_check", "hideable_check",
-           "lower_bound_check", "comparisons", "LayerCosts", "Plan", "plan_for_budget", "plan_hidden"]
+           "lower_bound_check", "comparisons"]

@@ -148,6 +148,6 @@ def comparisons(rows: Sequence[dict]) -> dict:
                             "dominance": dominance_check(
                                 PUBLISHED, ref, **output_floor(rows, "unfused" if ours_u else fused))}
     full = {f"{r['stack']}:{r['strategy']}": r.get("step_over_lb") for r in rows
-            if r["status"] == "ok" and r["strategy"] in ("offload_full", "offload_all")}
+            if r["status"] == "ok" and r["strategy"] in ("offload_but_last", "offload_all")}
     out["lower_bound"] = lower_bound_check(full)
     return out

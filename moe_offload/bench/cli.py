@@ -12,7 +12,7 @@ from .run import run_bench
 from .strategies import strategy_names
 from .table import format_checks, format_env, format_table
 
-__all__ = ["bench_main", "run_and_report", "run_and_report_real"]
+__all__ = ["bench_main", "run_and_report", "run_and_report_real", "run_and_report_full"]
 
 
 def _write_files(report: dict, cfg: BenchConfig, out) -> None:
@@ -32,6 +32,8 @@ def _write_files(report: dict, cfg: BenchConfig, out) -> None:
 def run_and_report(cfg: BenchConfig, out=None) -> dict:
     """Run ``cfg``, print the report to ``out`` (stdout), write JSON/plot; return the report."""
     out = out or sys.stdout
+    if cfg.model == "full":
+        return run_and_report_full(cfg, out)
     if cfg.model == "qwen3":
         return run_and_report_real(cfg, out)
     result = run_bench(cfg)
@@ -46,8 +48,8 @@ def run_and_report(cfg: BenchConfig, out=None) -> dict:
 
 def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     """The real-model run (``--model qwen3``): table, per-plan tables, targets, JSON, plot."""
-    from .real_model import (format_check_note, format_plans, format_targets, run_real,
-                             target_checks)
+    from .real_model import (format_check_note, format_plans, format_slice_table, format_targets,
+                             run_real, target_checks)
     import os
     from .run import derive, environment, progress
     out = out or sys.stdout
@@ -61,7 +63,7 @@ def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
                            "traces": {}}, checks)
     report["planner"] = result["planner"]
     print(format_env(env, report["config"]), file=out)
-    print(format_table(result["rows"]), file=out)
+    print(format_slice_table(result["rows"]), file=out)
     print(format_check_note(result["rows"]), file=out)
     print(format_plans(result["rows"]), file=out)
     print(format_targets(checks["targets"]), file=out)
@@ -69,11 +71,47 @@ def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
     return report
 
 
+def run_and_report_full(cfg: BenchConfig, out=None) -> dict:
+    """The full-depth run (``--model full``): each strategy's longest sequence and tokens/s,
+    ours through ``moe_offload.fit``; table, targets, JSON (no plot)."""
+    import os
+    from .full_model import full_targets, format_full_report, run_full
+    from .run import environment
+    out = out or sys.stdout
+    if cfg.is_cuda:   # deterministic cuBLAS for the bitwise check step: set before cuBLAS starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    env = environment(cfg)
+
+    def build(result: dict) -> dict:
+        return {"schema": "moe_offload.full/1", "config": cfg.to_dict(), "env": env,
+                "setup": result["setup"], "rows": result["rows"],
+                "ours": {k: v for k, v in (result["ours"] or {}).items() if k != "text"},
+                "targets": full_targets(result["rows"])}
+
+    def partial(result: dict) -> None:       # after every row: a run cut short keeps its rows
+        if cfg.json_path:
+            write_json(build(result), cfg.json_path)
+    result = run_full(cfg, on_row=partial)
+    report = build(result)
+    print(f"torch {env['torch']} | {env['device']} | {env['date']} | D2H "
+          f"{env['bandwidth']['d2h_Bps'] / 1e9:.1f} GB/s, H2D {env['bandwidth']['h2d_Bps'] / 1e9:.1f} GB/s",
+          file=out)
+    print(format_full_report(result), file=out, flush=True)
+    if cfg.json_path:
+        write_json(report, cfg.json_path)
+        print(f"wrote {cfg.json_path}", file=out)
+    if cfg.plot_path:
+        print("--plot: not drawn for --model full (the table and JSON hold the figures)", file=out)
+    return report
+
+
 def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate ``args`` (usage error, exit 2, on bad values) and run the benchmark."""
     recipe = None if args.recipe == "none" else (args.recipe or "fp8")
+    from .full_model import FULL_STRATEGIES
     from .real_model import real_rows
-    known = strategy_names(recipe) + [r.name for r in real_rows(True)] + ["peer", "planned"]
+    known = strategy_names(recipe) + [r.name for r in real_rows(True)] + ["peer", "planned"] + \
+        [s.name for s in FULL_STRATEGIES if s.name not in ("none", "checkpoint", "sac")]
     cfg = config_from_args(args, parser, known_strategies=known)
     run_and_report(cfg)
     return 0

@@ -44,7 +44,7 @@ PRESETS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECIPE_CHOICES = ("none", "fp8", "mxfp8", "nvfp4")
 STACK_CHOICES = ("fused", "unfused", "both")
-MODEL_CHOICES = ("qwen3", "mlp", "moe")
+MODEL_CHOICES = ("full", "slice", "qwen3", "mlp", "moe")   # qwen3: the slice's former name
 # Flags that only make sense for the synthetic stacks: giving one selects --model mlp
 # when --model is not given.
 _SYNTHETIC_FLAGS = ("preset", "tokens", "hidden", "ffn", "experts", "recipe", "stack")
@@ -77,6 +77,11 @@ class BenchConfig:
     progress: bool = True
     seq: int = 8192
     layers_explicit: Optional[int] = None
+    unit: int = 4096
+    cap: int = 98304
+    cap_explicit: bool = False
+    time_budget: float = 540.0
+    device_memory_mib: int = 64
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -130,11 +135,25 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="fused = our GroupedMLP stack, unfused = the peers' torch._grouped_mm stack "
                         "(default: both on CUDA, fused on CPU)")
     p.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="qwen3 = Hugging Face Qwen3-MoE slice vs the peers and our planner (the "
-                        "default unless a synthetic-stack flag is given); mlp = stack of expert "
-                        "MLPs; moe = stack of full MoE blocks (fused only)")
+                   help="full = Qwen3-30B-A3B at full depth and vocabulary, LoRA + AdamW: each "
+                        "strategy's longest sequence and tokens/s (the default on CUDA); slice (alias "
+                        "qwen3) = the 8-layer Hugging Face Qwen3-MoE slice vs the peers and our "
+                        "planner at --seq tokens (the default on the CPU, tiny there); mlp = stack "
+                        "of expert MLPs; moe = stack of full MoE blocks (fused only); a "
+                        "synthetic-stack flag selects mlp")
     p.add_argument("--seq", type=_positive_int, default=None,
-                   help="tokens of the --model qwen3 sequence (default 8192 on CUDA, 64 on CPU)")
+                   help="tokens of the --model slice sequence (default 8192 on CUDA, 64 on CPU)")
+    p.add_argument("--unit", type=_positive_int, default=None,
+                   help="--model full: lengths are multiples of this (default 4096 on CUDA, 32 on CPU)")
+    p.add_argument("--cap", type=_positive_int, default=None,
+                   help="--model full: the longest length tried, a multiple of --unit; a strategy "
+                        "reaching it is reported as '>= cap' (default 98304 on CUDA, raised to twice "
+                        "HF checkpointing's longest when that is more; 256 on CPU)")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=None,
+                   help="--model full: seconds for the whole run; steps predicted to pass it are "
+                        "skipped and reported (default 540 on CUDA, 600 on CPU)")
+    p.add_argument("--device-memory-mib", dest="device_memory_mib", type=_positive_int, default=64,
+                   help="--model full on the CPU: emulated device memory above the weights (MiB)")
     p.add_argument("--splits", choices=SPLIT_CHOICES, default="uniform",
                    help="tokens per expert: uniform or random (kept on the device)")
     p.add_argument("--top-k", type=_positive_int, default=2, help="top-k of --model moe")
@@ -182,9 +201,21 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
     cuda = dev.type == "cuda"
     model = args.model
     if model is None:
-        model = "mlp" if any(getattr(args, f, None) is not None for f in _SYNTHETIC_FLAGS) else "qwen3"
+        model = "mlp" if any(getattr(args, f, None) is not None for f in _SYNTHETIC_FLAGS) else (
+            "full" if cuda else "qwen3")
+    if model == "slice":
+        model = "qwen3"
     if args.seq is not None and model != "qwen3":
-        parser.error(f"argument --seq: only for --model qwen3, not --model {model}")
+        parser.error(f"argument --seq: only for --model slice, not --model {model}")
+    for flag in ("unit", "cap", "time_budget"):
+        if getattr(args, flag, None) is not None and model != "full":
+            parser.error(f"argument --{flag.replace('_', '-')}: only for --model full, not --model {model}")
+    unit = args.unit or (4096 if cuda else 32)
+    cap = args.cap or (98304 if cuda else 256)
+    if cap % unit or cap < unit:
+        parser.error(f"argument --cap: {cap} must be a positive multiple of --unit {unit}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"argument --time-budget: expected seconds > 0, got {args.time_budget}")
     preset = PRESETS[args.preset or ("medium" if cuda else "tiny")]
     cfg = BenchConfig(
         tokens=args.tokens or preset.tokens, hidden=args.hidden or preset.hidden,
@@ -197,7 +228,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         iters=args.iters or (5 if cuda else 2),
         warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
         json_path=args.json_path, plot_path=args.plot_path, seed=args.seed,
-        progress=args.progress, seq=args.seq or (8192 if cuda else 64), layers_explicit=args.layers)
+        progress=args.progress, seq=args.seq or (8192 if cuda else 64), layers_explicit=args.layers,
+        unit=unit, cap=cap, cap_explicit=args.cap is not None, time_budget=args.time_budget or (540.0 if cuda else 600.0),
+        device_memory_mib=args.device_memory_mib)
     if cfg.tokens < cfg.experts:
         parser.error(f"--tokens {cfg.tokens} must be >= --experts {cfg.experts}")
     if cfg.model == "moe" and cfg.top_k > cfg.experts:

@@ -12,8 +12,12 @@ forward left allocated, and the running maximum over the step.  On the CPU, offl
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -128,18 +132,45 @@ class StepMemory:
 _FWD_END = "moe_offload.bench.forward_end"
 
 
+@contextlib.contextmanager
+def _without_kineto_notices():
+    """Drop the ``USDT:... profiler_start`` / ``profiler_stop`` lines that Kineto (the
+    profiler's C++ back end) writes to file descriptor 2 when a profile starts and stops;
+    anything else written meanwhile is passed on to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [line for line in tmp.read().splitlines(keepends=True)
+                    if not line.startswith(b"USDT:")]
+            if rest:
+                os.write(2, b"".join(rest))
+
+
 def _cpu_profiled_step(forward: Callable[[], torch.Tensor],
                        backward: Callable[[torch.Tensor], None]) -> tuple:
     """One profiled step -> ``(series, fwd_end_s)``: ``series`` is ``[(t_s, running net
     host bytes)]`` from the per-op self memory ordered by op start, ``fwd_end_s`` the
     time of a marker recorded between forward and backward."""
     from torch.profiler import ProfilerActivity, profile, record_function
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _without_kineto_notices():
+        prof.start()
+    try:
         y = forward()
         with record_function(_FWD_END):
             pass
         backward(y)
         del y
+    finally:
+        with _without_kineto_notices():
+            prof.stop()
     events = list(prof.events())
     t0 = min((e.time_range.start for e in events), default=0)
     fwd_end = next((e.time_range.start for e in events if e.name == _FWD_END), t0)

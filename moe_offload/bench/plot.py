@@ -12,20 +12,11 @@ from typing import Optional
 
 from .checks import PUBLISHED
 
-__all__ = ["PLOT_HINT", "plot_available", "write_plot"]
+__all__ = ["PLOT_HINT", "write_plot"]
 
 PLOT_HINT = "plots need matplotlib: pip install 'moe_offload[bench]'"
 
 _COLORS = {"peer": "tab:red", "ours": "tab:blue", "baseline": "black"}
-
-
-def plot_available() -> bool:
-    """True when matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def write_plot(report: dict, path: str) -> Optional[str]:

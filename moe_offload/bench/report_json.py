@@ -35,7 +35,7 @@ Top-level keys:
     engine);
   - ``plan``: null, or for planned rows (``offload_hideable``, ``fc1_recompute+offload``,
     ``plan@<peer>``, ``plan@half-<peer>``) the planner's choice
-    (:mod:`moe_offload.bench.planner`): ``offloaded_layers`` (k, the first k layers),
+    (:mod:`moe_offload.plan`): ``offloaded_layers`` (k, the first k layers),
     ``offload_mode`` (``activation``/``fc1``/``checkpoint``), ``fc1_layers`` (indices in
     fc1 mode), ``prefetch_layers``, ``predicted_s``, ``predicted_fwd_s``,
     ``predicted_bytes`` (memory after forward) and ``budget_bytes`` (null: no budget);

@@ -23,11 +23,11 @@ from typing import Callable, Optional
 
 import torch
 
+from ..plan.stack import LayerCosts, costs_from_measurements
 from .config import BenchConfig
 from .measure import (allocate_grads, capture_grads, count_saved_bytes, grads_bitwise_equal,
                       measure_bandwidth, measure_memory, time_steps, trace_memory)
 from .models import build_stacks, make_inputs
-from .planner import LayerCosts, costs_from_measurements
 from .strategies import PEER_FAMILIES, PlanInfo, Skip, Strategy, plan_hideable_layers, strategy_list
 
 __all__ = ["environment", "plan_runs", "run_bench", "derive", "progress", "min_offload_bytes",

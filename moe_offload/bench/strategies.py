@@ -7,8 +7,8 @@ build a :class:`Runner` for a stack.  A runner does the forward of one step
 Adding a strategy is one :class:`Strategy` entry in :func:`strategy_list`.
 
 Planned rows (``offload_hideable``, ``fc1_recompute+offload``, ``plan@<peer>``,
-``plan@half-<peer>``) get a :class:`~moe_offload.bench.planner.Plan` from
-:mod:`~moe_offload.bench.planner` on per-layer figures measured by earlier rows
+``plan@half-<peer>``) get a :class:`~moe_offload.plan.stack.Plan` from
+:mod:`~moe_offload.plan.stack` on per-layer figures measured by earlier rows
 (``PlanInfo.costs``) and run it with :class:`PlannedRunner`.  ``plan@<peer>``'s budget is
 the peer's measured activation memory (the smallest over the stacks it ran on, so one row
 serves the engine and the system comparison), ``plan@half-<peer>``'s half of it.  The
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .planner import LayerCosts, Plan, plan_for_budget, plan_hidden, prefetch_for
+from ..plan.stack import LayerCosts, Plan, plan_for_budget, plan_hidden, prefetch_for
 
 __all__ = ["Strategy", "Runner", "PlanInfo", "PlannedRunner", "plan_hideable_layers",
            "strategy_list", "strategy_names", "PEER_FAMILIES", "Skip"]
@@ -157,7 +157,7 @@ class OffloadRunner(Runner):
 
 
 class PlannedRunner(OffloadRunner):
-    """Runs a :class:`~moe_offload.bench.planner.Plan`: layer ``i`` in ``plan.mode_of(i)``.
+    """Runs a :class:`~moe_offload.plan.stack.Plan`: layer ``i`` in ``plan.mode_of(i)``.
 
     fc1 layers get ``GroupedMLP.recompute = "fc1"`` for their forward only (the attribute
     is read at each forward; restored right after, so the stack is unchanged between
@@ -304,10 +304,10 @@ def strategy_list(recipe: Optional[str]) -> list:
                  description="torch checkpoint per layer"),
         Strategy("fc1_recompute", "fc1_recompute", "ours", "fc1", "none", lambda info: Runner(),
                  fused_only=True, description="GroupedMLP recompute='fc1'"),
-        Strategy("offload_full", "offload", "ours", "", "none",
+        Strategy("offload_but_last", "offload", "ours", "", "none",
                  lambda info: OffloadRunner(info, info.num_layers - 1) if info.num_layers > 1
                  else _raise(Skip("needs >= 2 layers")),
-                 description="our engine, L-1 layers"),
+                 description="our engine, every layer but the last (L-1)"),
         Strategy("offload_all", "offload", "ours", "", "none",
                  lambda info: OffloadRunner(info, info.num_layers),
                  description="our engine, all L layers"),

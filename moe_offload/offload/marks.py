@@ -123,11 +123,6 @@ def set_active_engine(engine: Optional[Any]) -> Optional[Any]:
     return previous
 
 
-# Deprecated aliases for tests written against the old names (drop once unused).
-_set_active_engine = set_active_engine
-_get_active_engine = active_engine
-
-
 def iter_component_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Yield the plain tensors that make up ``obj`` (see module docstring)."""
     if obj is None:

@@ -27,8 +27,8 @@ experts and returns their outputs in the same order (:func:`ep_expert_outputs`),
    received buffer is ordered by source rank, then local expert; a stable sort by local
    expert regroups it to (local expert, source rank, token) order, deterministically.
    For one expert this is exactly the order in which the single-process ``MoE`` on the
-   concatenation of all ranks' tokens sees its rows, so expert outputs and expert
-   weight gradients are bitwise those of that run.
+   concatenation of all ranks' tokens sees its rows, so each expert's GEMMs get the same
+   operands as in that run (see "Bitwise equality" below).
 5. ``GroupedMLP`` on the ``L`` local groups (probs applied inside it, as in ``MoE``).
 6. Un-regroup and ``all_to_all_single`` back (splits swapped): the outputs arrive in
    the sorted order the copies left in.
@@ -47,6 +47,27 @@ output and get no gradient); the send buffer is a fixed ``(E, C, H)`` block, zer
 so every all-to-all split is the constant ``L * C`` and no count is exchanged.  Padded
 rows carry probability 0, so they add exact zeros to outputs and weight gradients.
 Every rank must then pass the same number of tokens ``T`` (equal ``C`` everywhere).
+
+**Bitwise equality with one process.**  Compare with the single-process ``MoE`` (every
+expert, same weights) run on the concatenation of all ranks' tokens in rank order:
+
+- Outputs, input gradients and expert weight gradients are bitwise equal **when the
+  router logits are**, i.e. when that process evaluates its router on each rank's rows
+  separately (``cat_r(router(x_r))``); each rank's router weight gradient is then bitwise
+  the gradient of its own block's router.  Everything after the router is row-invariant:
+  softmax, top-k and normalization act on one row at a time, both sorts are stable, each
+  expert's GEMMs see the same rows in the same order (step 4), and the ``k`` copies of a
+  token are summed in slot order.
+- Against the router evaluated on the whole batch at once, EP is equal **to rounding
+  only**: the router is a GEMM over the rank's ``T`` rows, and a GEMM over a subset of
+  rows need not give the bits it gives for those rows inside the whole batch (BLAS
+  kernels choose blocking and vectorization by the row count: a 2-core Xeon gave
+  differences of 7.45e-09 in float32).  A few ulp in the logits move the probs by as
+  much and could flip a top-k choice only at a near-tie.  The router gradients summed
+  over ranks (what data parallelism's all-reduce does) equal the whole-batch gradient up
+  to summation order.
+- The aux loss uses each rank's local batch statistics (Megatron's default): bitwise the
+  single-process ``MoE`` on that rank's tokens.
 
 Every rank must call the layer the same number of times in the same order (the
 collectives pair up across ranks); autograd runs the backward collectives in the

@@ -24,13 +24,15 @@ from torch import nn
 
 from ..offload import (OptOutContext, first_grad_tensor, get_cpu_offload_context, mark_not_offload,
                        release_lag)
-from .measure import (activation_bytes_after_forward, count_saved, pinned_bandwidth, time_step)
-from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_loss_function,
-                      install_loss_checkpoint, install_recompute, layer_modules, options_for)
-from .solve import (OFFLOAD_LEVELS, Choice, LayerFigures, ModelFigures, Prediction,
+from .measure import (activation_bytes_after_forward, count_saved, counted_memory, pinned_bandwidth,
+                      preserved_state, time_step)
+from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_chunked_head, has_loss_function,
+                      install_head, install_recompute, layer_modules, options_for)
+from .solve import (OFFLOAD_LEVELS, Choice, applied, HeadFigures, LayerFigures, ModelFigures, Prediction,
                     pooled_extras, predict, refine, search, split_extra)
 
 __all__ = ["plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan", "choose",
+           "candidates",
            "calibrate_offload", "calibrate_recompute", "probe_plans"]
 
 GiB = float(1 << 30)
@@ -58,7 +60,8 @@ class PlanHandle:
         offload) and ``predicted_step_s`` / ``predicted_activation_bytes``."""
         out = self.context.stats() if self.context is not None else OptOutContext().stats()
         out.update(predicted_step_s=self.plan.predicted_step_s,
-                   predicted_activation_bytes=self.plan.predicted_activation_bytes)
+                   predicted_activation_bytes=self.plan.predicted_activation_bytes,
+                   predicted_peak_bytes=self.plan.predicted_peak_bytes)
         return out
 
     def reset_stats(self) -> None:
@@ -104,6 +107,27 @@ class MemoryPlan:
         return self.prediction.act_bytes
 
     @property
+    def predicted_peak_bytes(self) -> int:
+        """Predicted peak of the step above its start (bytes; what ``budget_bytes`` bounds):
+        the highest of the moments in :mod:`moe_offload.plan.solve` ("Peak")."""
+        return self.prediction.peak_bytes
+
+    @property
+    def peak_moment(self) -> str:
+        """Which moment of the step sets the predicted peak."""
+        return self.prediction.peak_moment
+
+    @property
+    def head(self) -> str:
+        """The head option (``"none"``, ``"checkpoint"``, ``"chunked"``)."""
+        return self.prediction.head
+
+    @property
+    def exact(self) -> bool:
+        """Gradients are bitwise those without a plan (no option that changes the math)."""
+        return self.figures.heads[self.head].exact
+
+    @property
     def prefetch_layers(self) -> int:
         """Reloads the engine issues ahead in backward."""
         return self.prediction.prefetch_layers
@@ -120,11 +144,10 @@ class MemoryPlan:
         return handle
 
     def _install(self, handle: PlanHandle) -> None:
-        if self.prediction.loss_checkpoint:
-            install_loss_checkpoint(self.model, handle._wrappers)
+        install_head(self.model, self.head, handle._wrappers)
         for layer, c in zip(self.layers, self.choices):
             install_recompute(layer, c.recompute, handle._wrappers)
-        k = self.prediction.offloaded_layers
+        k = self.prediction.engine_layers
         if k == 0:
             return
         L = len(self.layers)
@@ -178,7 +201,8 @@ class MemoryPlan:
         """A readable table: per layer its choice, saved / resident / moved MiB, and the
         predictions."""
         f = self.figures
-        loss = ", loss checkpointed" if self.prediction.loss_checkpoint else ""
+        loss = {"none": "", "checkpoint": ", loss checkpointed",
+                "chunked": ", loss chunked (changes the summation order)"}.get(self.head, "")
         lines = [f"MemoryPlan: {len(self.layers)} layers, prefetch {self.prefetch_layers}, "
                  f"budget {_mib(self.budget_bytes)}{loss}",
                  f"{'layer':>5} {'recompute':<14} {'offload':<25} {'saved MiB':>10} "
@@ -197,13 +221,15 @@ class MemoryPlan:
                      f"{self.predicted_activation_bytes / MiB:.1f} MiB "
                      f"({self.predicted_activation_bytes / max(f.act_none_bytes, 1):.2f}x of "
                      f"{f.act_none_bytes / MiB:.1f} MiB)")
+        lines.append(f"predicted peak above the step start: {self.predicted_peak_bytes / MiB:.1f} MiB, "
+                     f"set by the {self.peak_moment}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.describe()
 
 
-_LEVEL_TEXT = {0: "-", 1: "attention", 2: "attention, MoE/MLP block", 3: "all"}
+_LEVEL_TEXT = {0: "-", 1: "attention + unnamed", 2: "attention + unnamed, MoE/MLP", 3: "all"}
 
 
 def _mib(b) -> str:
@@ -230,11 +256,21 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
 
     Runs, for each recompute option (all that apply, or ``options``; ``"loss"`` names the
     loss checkpoint), one counting forward and ``warmup + iters`` timed steps with the option
-    on every layer.  Parameter grads
-    are allocated (zeros) and zeroed before each step; they are left zeroed.
+    on every layer; on the GPU the last of them also reads the allocator at the step's
+    moments (the peak model's transients, :class:`~moe_offload.plan.measure.StepMemory`).
+    Parameter grads are allocated (zeros) during the measurement, so they are not part of
+    the measured peak; the model is left as it was found (``.grad``, RNG states, buffers,
+    training mode: :func:`~moe_offload.plan.measure.preserved_state`).
     ``calibrate`` (default: on the GPU, not emulated): time every recompute option again
     with :func:`calibrate_recompute` (pooled measured-per-option costs), then run the two
     probe plans of :func:`calibrate_offload` (measured copy rates, per-byte offload cost)."""
+    with preserved_state(model):
+        return _measure_model(model, step_fn, layers, min_offload_bytes, options, iters, warmup,
+                              bandwidth, emulate, calibrate)
+
+
+def _measure_model(model, step_fn, layers, min_offload_bytes, options, iters, warmup, bandwidth,
+                   emulate, calibrate) -> tuple:
     layers = find_layers(model, layers)
     L = len(layers)
     cuda = next(model.parameters()).is_cuda
@@ -248,8 +284,9 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     groups = [dict() for _ in range(L)]
     extra = [dict() for _ in range(L)]
     shared = [dict() for _ in range(L)]
+    memory = {}
     samples = {}
-    base = None
+    base = base_saved = None
     for opt in wanted:
         applies = [opt in per_layer[i] for i in range(L)]
         if not any(applies):
@@ -260,7 +297,7 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
                 if applies[i]:
                     install_recompute(layer, opt, wr)
             saved = count_saved(model, layers, step_fn, min_offload_bytes)
-            timing = time_step(layers, step_fn, iters, warmup, cuda, zero)
+            timing = time_step(layers, step_fn, iters, warmup, cuda, zero, memory=cuda)
         finally:
             wr.remove()
         for i in range(L):
@@ -270,18 +307,23 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
         samples[opt] = list(timing.step_samples)
         if opt == "none":
             base, base_saved = timing, saved
-            continue
+        memory[opt] = (timing.memory or counted_memory(saved, base_saved), applies)
+    heads = {}
     loss_saved, loss_extra = 0, None
-    if has_loss_function(model) and (options is None or "loss" in options):
+    for head in _heads_to_measure(model, options):
         wr = Wrappers()
         try:
-            install_loss_checkpoint(model, wr)
+            install_head(model, head, wr)
             saved = count_saved(model, layers, step_fn, min_offload_bytes)
-            timing = time_step(layers, step_fn, iters, warmup, cuda, zero)
+            timing = time_step(layers, step_fn, iters, warmup, cuda, zero, memory=cuda)
         finally:
             wr.remove()
-        loss_saved = max(0, base_saved.outside_bytes - saved.outside_bytes)
-        loss_extra = max(0.0, timing.step_s - base.step_s)
+        h_saved = max(0, base_saved.outside_bytes - saved.outside_bytes)
+        h_extra = max(0.0, timing.step_s - base.step_s)
+        heads[head] = _head_figures(timing.memory, h_extra, h_saved, chunked=head == "chunked")
+        if head == "checkpoint":
+            loss_saved, loss_extra = h_saved, h_extra
+    heads["none"] = _head_figures(memory["none"][0], 0.0, 0)
     if cuda:
         act_none = activation_bytes_after_forward(step_fn, zero)
     else:
@@ -295,9 +337,11 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
     bwd_per_fwd = base.bwd_s / max(base.fwd_s, 1e-12)
     lfs = [LayerFigures(base.layer_fwd_s[i], base.layer_fwd_s[i] * bwd_per_fwd, extra[i], groups[i],
                         shared[i]) for i in range(L)]
+    _set_backward_memory(lfs, memory)
     figures = ModelFigures(lfs, pre, post, pre * bwd_per_fwd, post * bwd_per_fwd, int(act_none),
                            float(bandwidth[0]), float(bandwidth[1]), int(loss_saved), loss_extra,
-                           step_samples=samples)
+                           step_samples=samples, heads=heads, pre_bytes=base_saved.pre_bytes,
+                           tokens=base_saved.tokens)
     for opt, total in pooled_extras(samples).items():
         split_extra(figures, opt, total)
     if calibrate if calibrate is not None else (cuda and not emulate):
@@ -307,6 +351,47 @@ def measure_model(model: nn.Module, step_fn: Callable[[], torch.Tensor], layers=
                           min_offload_bytes=min_offload_bytes, emulate=emulate)
     gc.collect()
     return layers, figures
+
+
+def _heads_to_measure(model: nn.Module, options: Optional[Sequence[str]]) -> List[str]:
+    """The head options that apply to ``model`` and are asked for (``options`` names them
+    ``"loss"`` (the checkpoint) and ``"chunked"``; ``None``: all that apply)."""
+    out = []
+    if has_loss_function(model) and (options is None or "loss" in options):
+        out.append("checkpoint")
+    if has_chunked_head(model) and (options is None or "chunked" in options):
+        try:
+            from ..integrations.transformers import use_chunked_loss  # noqa: F401
+            out.append("chunked")
+        except ImportError:          # transformers or the loss module missing
+            pass
+    return out
+
+
+def _head_figures(mem, extra_s: float, saved_bytes: int, chunked: bool = False) -> HeadFigures:
+    """A head option's figures from its measured step (no transients on the CPU).  The
+    chunked loss changes the summation order (not exact) and its transients are those of
+    one chunk, whatever the tokens (fixed)."""
+    kw = dict(exact=not chunked, fixed_transient=chunked)
+    if mem is None or not mem.measured:
+        return HeadFigures(extra_s, saved_bytes, **kw)
+    return HeadFigures(extra_s, saved_bytes, max(0, mem.fwd_peak - mem.fwd_end),
+                       max(0, mem.head_peak - mem.fwd_end), **kw)
+
+
+def _set_backward_memory(lfs: List[LayerFigures], memory: dict) -> None:
+    """``C_j`` from the no-plan step (what its layer ``j`` backward starts with, less the
+    activations of layers ``0..j``) and ``T_j(option)`` from the step with the option on
+    every layer (the highest during layer ``j``'s backward above its start)."""
+    none, _ = memory["none"]
+    below = 0
+    for j, lf in enumerate(lfs):
+        below += lf.saved("none")
+        lf.bwd_fixed = max(0, none.layer_start[j] - below)
+    for opt, (mem, applies) in memory.items():
+        for j, lf in enumerate(lfs):
+            if applies[j]:
+                lf.bwd_transient[opt] = max(0, mem.layer_peak[j] - mem.layer_start[j])
 
 
 def recompute_probes(f: ModelFigures) -> list:
@@ -360,11 +445,12 @@ def probe_plans(f: ModelFigures) -> list:
     but the last layer, then the MoE block and norms too (level 3 with the cheapest
     recompute option short of the whole layer)."""
     L = len(f.layers)
-    common = [o for o in f.layers[0].options if all(o in lf.groups for lf in f.layers)]
+    offered = {o for lf in f.layers for o in lf.options}
     heavy = next(o for o in ("norms+mlp", "norms+fc1", "norms+experts", "norms", "none")
-                 if o in common)
+                 if o in offered)
+    block = [applied(lf, Choice(heavy, 3 if i < L - 1 else 0)) for i, lf in enumerate(f.layers)]
     return [("attention", tuple([Choice("none", 1)] * (L - 1) + [Choice("none", 0)])),
-            ("block", tuple([Choice(heavy, 3)] * (L - 1) + [Choice(heavy, 0)]))]
+            ("block", tuple(block))]
 
 
 def calibrate_offload(model: nn.Module, layers, step_fn, f: ModelFigures, *, iters: int = 3,
@@ -422,17 +508,26 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
                 max_step_s: Optional[float] = None,
                 iters: int = 3, warmup: int = 1, bandwidth: Optional[tuple] = None,
                 emulate: Optional[bool] = None, figures: Optional[tuple] = None,
-                calibrate: Optional[bool] = None) -> MemoryPlan:
-    """Measure ``model`` and return the fastest :class:`MemoryPlan` whose predicted
-    activation memory after the forward is ``<= budget_bytes``.
+                calibrate: Optional[bool] = None, exact: bool = False,
+                host_bytes: Optional[int] = None) -> MemoryPlan:
+    """Measure ``model`` and return the fastest :class:`MemoryPlan` whose predicted step
+    **peak** is ``<= budget_bytes``.
+
+    The peak is the highest memory allocated during one step (forward, loss, backward with
+    its recomputes and reloads) above the step's start, as ``torch.cuda.max_memory_allocated``
+    sees it, with the parameters' gradients already allocated (the planner's convention;
+    :func:`~moe_offload.fit` adds gradients, optimizer state and the allocator's reserve).
+    The activation memory after the forward stays a reported figure
+    (:attr:`MemoryPlan.predicted_activation_bytes`).  Measuring leaves the model as it was
+    found: ``.grad``, RNG states, buffers and training mode are restored.
 
     Args:
         model: the model (its parameters' device decides GPU or CPU measurement).
         step_fn: ``step_fn() -> loss``: one forward on the example batch (the planner runs
             the backward).
-        budget_bytes: activation-memory budget (allocated after forward minus before).
-            ``None`` with ``max_time_x``: the least memory predicted within ``max_time_x``
-            times the step without a plan; ``None`` with ``max_step_s``: the least memory
+        budget_bytes: the step's peak above its start, in bytes.
+            ``None`` with ``max_time_x``: the least peak predicted within ``max_time_x``
+            times the step without a plan; ``None`` with ``max_step_s``: the least peak
             predicted within ``max_step_s`` seconds (e.g. a peer's measured step).
         layers: the decoder-layer list (default: found, see
             :func:`~moe_offload.plan.modules.find_layers`).
@@ -444,10 +539,13 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
         emulate: run the engine in emulate mode (default: when the model is on the CPU).
         figures: ``(layers, ModelFigures)`` from :func:`measure_model` (skip measuring).
         calibrate: run :func:`calibrate_offload` (default: on the GPU, not emulated).
+        exact: only options whose gradients are bitwise those without a plan (leaves out
+            the chunked loss).
+        host_bytes: the most pinned host memory the plan may fill (bytes moved per step).
 
     Raises:
-        ValueError: the budget is below the smallest activation memory any plan reaches
-            (the message says that minimum).
+        ValueError: the budget is below the smallest peak any plan reaches (the message
+            says that minimum and what sets it).
     """
     if budget_bytes is None and max_time_x is None and max_step_s is None:
         raise ValueError("plan_memory: give budget_bytes, max_time_x or max_step_s")
@@ -460,43 +558,64 @@ def plan_memory(model: nn.Module, step_fn: Callable[[], torch.Tensor], budget_by
                                 options=options, iters=iters, warmup=warmup,
                                 bandwidth=bandwidth, emulate=emulate, calibrate=calibrate)
     layer_list, f = figures
-    cands = search(f, release_lag)
+    cands = candidates(f, budget_bytes, exact=exact)
     return choose(model, layer_list, f, cands, budget_bytes, max_time_x=max_time_x,
-                  max_step_s=max_step_s, min_offload_bytes=min_offload_bytes, emulate=emulate)
+                  max_step_s=max_step_s, min_offload_bytes=min_offload_bytes, emulate=emulate,
+                  exact=exact, host_bytes=host_bytes)
+
+
+def candidates(f: ModelFigures, peak_limit: Optional[int] = None, *, exact: bool = False) -> List[Prediction]:
+    """Every candidate plan on ``f`` (:func:`~moe_offload.plan.solve.search`), with the head
+    options allowed (``exact``: only those that keep gradients bitwise)."""
+    heads = [h for h, hf in f.heads.items() if hf.exact or not exact]
+    return search(f, release_lag, heads=heads, peak_limit=peak_limit)
 
 
 def choose(model, layers, f: ModelFigures, cands: List[Prediction], budget_bytes: Optional[int],
            *, max_time_x: Optional[float] = None, max_step_s: Optional[float] = None,
-           min_offload_bytes: int = 256 * 1024, emulate: bool = False) -> MemoryPlan:
+           min_offload_bytes: int = 256 * 1024, emulate: bool = False, exact: bool = False,
+           host_bytes: Optional[int] = None) -> MemoryPlan:
     """Pick from candidate predictions (see :func:`plan_memory`).  Without a budget the
     time limit is ``max_step_s`` when given, else ``max_time_x`` x the step without a
     plan; when nothing is predicted within it, the fastest candidate."""
+    allowed_heads = {h for h, hf in f.heads.items() if hf.exact or not exact}
+    cands = [c for c in cands if c.head in allowed_heads]
+
+    def host_ok(p: Prediction) -> bool:
+        return host_bytes is None or sum(p.moved_bytes) <= host_bytes
+    if host_bytes is not None and not any(host_ok(c) for c in cands):
+        raise ValueError(f"plan_memory: no plan moves at most host_bytes={host_bytes} bytes")
+    cands = [c for c in cands if host_ok(c)]
     if budget_bytes is None:
         if max_step_s is None and max_time_x is None:
             raise ValueError("choose: give budget_bytes, max_time_x or max_step_s")
         limit = max_step_s if max_step_s is not None else f.step_none_s * max_time_x
         limit = max(limit, min(c.step_s for c in cands))
         ok = [c for c in cands if c.step_s <= limit]
-        best = min(ok, key=lambda c: (c.act_bytes, c.step_s))
-        best = refine(f, best, release_lag, lambda a, b: (a.act_bytes, a.step_s) < (b.act_bytes, b.step_s),
-                      lambda p: p.step_s <= limit)
+        best = min(ok, key=lambda c: (c.peak_bytes, c.step_s))
+        best = refine(f, best, release_lag,
+                      lambda a, b: (a.peak_bytes, a.step_s) < (b.peak_bytes, b.step_s),
+                      lambda p: p.step_s <= limit and host_ok(p))
     else:
-        ok = [c for c in cands if c.act_bytes <= budget_bytes]
+        ok = [c for c in cands if c.peak_bytes <= budget_bytes]
         if not ok:
-            low = min(c.act_bytes for c in cands)
+            low = min(cands, key=lambda c: c.peak_bytes)
             raise ValueError(
                 f"plan_memory: budget_bytes={budget_bytes} ({budget_bytes / MiB:.1f} MiB) is below "
-                f"the minimum activation memory any plan reaches: {low} bytes "
-                f"({low / MiB:.1f} MiB)")
-        best = min(ok, key=lambda c: (c.step_s, c.act_bytes))
-        best = refine(f, best, release_lag, lambda a, b: (a.step_s, a.act_bytes) < (b.step_s, b.act_bytes),
-                      lambda p: p.act_bytes <= budget_bytes)
+                f"the smallest step peak any plan reaches: {low.peak_bytes} bytes "
+                f"({low.peak_bytes / MiB:.1f} MiB, set by the {low.peak_moment}); "
+                f"{low.peak_bytes - budget_bytes} bytes are missing")
+        best = min(ok, key=lambda c: (c.step_s, c.peak_bytes))
+        best = refine(f, best, release_lag,
+                      lambda a, b: (a.step_s, a.peak_bytes) < (b.step_s, b.peak_bytes),
+                      lambda p: p.peak_bytes <= budget_bytes and host_ok(p),
+                      peak_limit=budget_bytes)
     return MemoryPlan(model, layers, best, budget_bytes, f, min_offload_bytes, emulate)
 
 
 def make_plan(model: nn.Module, figures: tuple, choices: Sequence[Choice], *,
               prefetch_layers: Optional[int] = None, budget_bytes: Optional[int] = None,
-              loss_checkpoint: bool = False,
+              loss_checkpoint: bool = False, head: Optional[str] = None,
               min_offload_bytes: int = 256 * 1024, emulate: Optional[bool] = None) -> MemoryPlan:
     """A :class:`MemoryPlan` with the given per-layer ``choices`` (no search), predicted
     on ``figures`` (from :func:`measure_model`)."""
@@ -509,5 +628,5 @@ def make_plan(model: nn.Module, figures: tuple, choices: Sequence[Choice], *,
                              f"layer {i} (measured: {f.layers[i].options})")
     if emulate is None:
         emulate = not next(model.parameters()).is_cuda
-    pred = predict(f, list(choices), release_lag, prefetch_layers, loss_checkpoint)
+    pred = predict(f, list(choices), release_lag, prefetch_layers, loss_checkpoint, head=head)
     return MemoryPlan(model, layers, pred, budget_bytes, f, min_offload_bytes, emulate)

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..offload import find_layers
+
 __all__ = ["KINDS", "RECOMPUTE_OPTIONS", "find_layers", "classify", "layer_modules",
            "options_for", "install_recompute", "Wrappers", "use_our_experts", "has_loss_function",
-           "install_loss_checkpoint"]
+           "install_loss_checkpoint", "install_head", "has_chunked_head"]
 
 KINDS = ("attention", "norm", "router", "experts", "mlp", "other")
 RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp", "layer")
@@ -70,36 +72,6 @@ def _recompute_attr(m: nn.Module) -> Optional[str]:
 
 def _has_recompute_switch(m: nn.Module) -> bool:
     return _recompute_attr(m) is not None
-
-
-def find_layers(model: nn.Module, layers=None) -> nn.ModuleList:
-    """The decoder-layer list of ``model``.
-
-    ``layers`` given: used as is (a ``ModuleList``/``Sequential``/list of modules).  Else
-    ``model.model.layers`` (Hugging Face decoders), ``model.layers``, ``model`` itself when
-    it is a ``ModuleList``, or the longest ``ModuleList`` found among its sub-modules."""
-    if layers is not None:
-        if isinstance(layers, (nn.ModuleList, nn.Sequential, list, tuple)) and len(layers) > 0 \
-                and all(isinstance(m, nn.Module) for m in layers):
-            return layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(list(layers))
-        raise TypeError("layers must be a non-empty ModuleList/Sequential/list of modules, got "
-                        f"{type(layers).__name__}")
-    if isinstance(model, nn.ModuleList) and len(model) > 0:
-        return model
-    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    best = None
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > (len(best) if best is not None else 0):
-            best = m
-    if best is None:
-        raise ValueError(f"plan_memory: no decoder-layer ModuleList found in "
-                         f"{type(model).__name__}; pass layers=")
-    return best
 
 
 def classify(name: str, module: nn.Module) -> Optional[str]:
@@ -259,6 +231,11 @@ class Wrappers:
     def __init__(self) -> None:
         self._forwards = []          # (module, had instance forward, previous value)
         self._attrs = []             # (module, attribute, previous value)
+        self._undo = []              # callables run first at remove()
+
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Run ``undo()`` at :meth:`remove` (before the other changes are undone)."""
+        self._undo.append(undo)
 
     def checkpoint_module(self, module: nn.Module) -> None:
         """Run ``module``'s forward under non-reentrant ``torch.utils.checkpoint``."""
@@ -297,6 +274,8 @@ class Wrappers:
 
     def remove(self) -> None:
         """Restore every forward and attribute (last change first)."""
+        while self._undo:
+            self._undo.pop()()
         loss = getattr(self, "_loss", None)
         undo = getattr(self, "_loss_undo", None)
         if undo is not None:
@@ -438,3 +417,25 @@ def install_loss_checkpoint(model: nn.Module, wrappers: Wrappers) -> None:
         return
     head = _HeadCheckpoint(model, mods[0], mods[1], model.loss_function)
     wrappers.replace_loss(model, head, head.remove)
+
+
+def install_head(model: nn.Module, head: str, wrappers: Wrappers) -> None:
+    """Install head option ``head`` (:data:`~moe_offload.plan.solve.HEAD_OPTIONS`):
+    ``"checkpoint"`` is :func:`install_loss_checkpoint`; ``"chunked"`` computes a Hugging
+    Face causal LM's loss in token chunks from the final hidden states
+    (:func:`moe_offload.integrations.transformers.use_chunked_loss`)."""
+    if head == "none":
+        return
+    if head == "checkpoint":
+        install_loss_checkpoint(model, wrappers)
+        return
+    if head == "chunked":
+        from ..integrations.transformers import use_chunked_loss
+        wrappers.on_remove(use_chunked_loss(model).remove)
+        return
+    raise ValueError(f"unknown head option {head!r}")
+
+
+def has_chunked_head(model: nn.Module) -> bool:
+    """True for a Hugging Face causal LM whose loss :func:`install_head` can chunk."""
+    return has_loss_function(model) and _head_modules(model) is not None

@@ -32,7 +32,7 @@ def test_tiny_run_prints_table_and_checks(tiny_run):
     rc, out, _, _ = tiny_run
     assert rc == 0
     assert "strategy" in out and "step ms" in out and "act x" in out
-    for name in ("none", "save_on_cpu", "checkpoint", "offload_full", "offload_recompute_all",
+    for name in ("none", "save_on_cpu", "checkpoint", "offload_but_last", "offload_recompute_all",
                  "fc1_recompute"):
         assert f" {name} " in out
     assert "published, not measured" in out
@@ -58,7 +58,7 @@ def test_tiny_run_json_has_documented_keys(tiny_run):
     none = rows[("fused", "none")]
     assert none["act_bytes"] > 0 and none["time_x"] == 1.0 and none["act_x"] == 1.0
     # Our engine (emulate path) really moved bytes, both ways, and kept grads bitwise.
-    for name in ("offload_full", "offload_all", "offload_recompute_all"):
+    for name in ("offload_but_last", "offload_all", "offload_recompute_all"):
         r = rows[("fused", name)]
         assert r["status"] == "ok", r["note"]
         assert r["d2h_bytes"] > 0 and r["h2d_bytes"] > 0
@@ -95,14 +95,14 @@ def test_no_matplotlib_prints_hint(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     png = tmp_path / "x.png"
     # No subcommand: `python -m moe_offload` is `bench`.
-    rc = main(["--strategies", "none,offload_full", "-L", "2", "-T", "64", "-H", "32", "-F", "32",
+    rc = main(["--strategies", "none,offload_but_last", "-L", "2", "-T", "64", "-H", "32", "-F", "32",
                "-E", "2", "--iters", "1", "--device", "cpu", "--plot", str(png),
                "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert PLOT_HINT in out and "pip install 'moe_offload[bench]'" in out
     assert not png.exists()
-    assert " offload_full " in out
+    assert " offload_but_last " in out
 
 
 def test_both_stacks_system_vs_system(tmp_path, capsys):
@@ -173,10 +173,10 @@ def test_demo_runs(capsys):
 def test_cuda_bench_small_run(tmp_path):
     path = tmp_path / "b.json"
     main(["bench", "--preset", "small", "--iters", "2", "--warmup", "1", "--json", str(path),
-          "--strategies", "none,checkpoint,offload_full", "--no-progress"])
+          "--strategies", "none,checkpoint,offload_but_last", "--no-progress"])
     report = json.loads(path.read_text())
     rows = {(r["stack"], r["strategy"]): r for r in report["rows"]}
-    r = rows[("fused", "offload_full")]
+    r = rows[("fused", "offload_but_last")]
     assert r["status"] == "ok", r["note"]
     assert r["bitwise_equal"] is True and r["act_x"] < 0.5
     assert torch.cuda.is_available()

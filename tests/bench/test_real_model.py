@@ -43,7 +43,8 @@ def test_qwen3_run_prints_table_plans_and_targets(tmp_path, capsys):
                "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "model qwen3" in out and "targets (issue 11)" in out and "MemoryPlan: 2 layers" in out
+    assert "model qwen3" in out and "targets (issues 11 and 16)" in out and "MemoryPlan: 2 layers" in out
+    assert "PEAK MiB" in out and "peak budget" in out
     assert out.count("planner calibration") == 1 and "recompute: not probed (CPU" in out
     rows = {r["strategy"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"none", "checkpoint", "plan@checkpoint", "plan@time"}
@@ -51,7 +52,9 @@ def test_qwen3_run_prints_table_plans_and_targets(tmp_path, capsys):
         assert r["status"] == "ok", (name, r["note"])
         assert r["bitwise_equal"] is True, name
     plan = rows["plan@checkpoint"]["plan"]
-    assert plan["predicted_bytes"] <= plan["budget_bytes"] == rows["checkpoint"]["act_bytes"]
+    ck_peak = rows["checkpoint"]["peak_step_bytes"]
+    assert plan["budget_bytes"] == ck_peak or rows["plan@checkpoint"]["requested_budget_bytes"] == ck_peak
+    assert plan["predicted_peak_bytes"] <= plan["budget_bytes"]
     assert rows["plan@checkpoint"]["step_over_predicted"] > 0
 
 
@@ -75,26 +78,67 @@ def test_peers_are_bitwise_and_removed():
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), name
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert not getattr(model, "is_activation_checkpointing", False)
+    assert not hasattr(model, "_require_grads_hook")          # HF's input-grad hook is gone too
     assert torch.ops.aten.mm.default in sac_policy_ops()
 
 
 def test_rows_and_targets():
     names = [r.name for r in real_rows(torchtune=False)]
-    assert names[:4] == ["none", "checkpoint", "sac", "save_on_cpu+ckpt"]
-    assert "plan@half-sac" in names and "plan@time" in names and not any("torchtune" in n for n in names)
+    assert names[:5] == ["none", "checkpoint", "sac", "save_on_cpu+ckpt", "hf_offload"]
+    assert "plan@half-sac" in names and "plan@time" in names and "plan@hf_offload" in names
+    assert not any("torchtune" in n for n in names)
     rows = [
-        {"strategy": "checkpoint", "status": "ok", "act_bytes": 100, "time_x": 1.3, "act_x": 0.14},
-        {"strategy": "plan@checkpoint", "status": "ok", "act_bytes": 99, "time_x": 1.08, "act_x": 0.139,
-         "step_s": 1.0, "step_over_predicted": 1.02, "plan": {"predicted_bytes": 97}, "bitwise_equal": True},
-        {"strategy": "plan@time", "status": "ok", "act_bytes": 60, "time_x": 1.05, "act_x": 0.3,
-         "step_over_predicted": 1.2, "plan": {"predicted_bytes": 60}, "bitwise_equal": False},
+        {"strategy": "checkpoint", "status": "ok", "act_bytes": 100, "peak_step_bytes": 300,
+         "time_x": 1.3, "act_x": 0.14, "peak_x": 0.25},
+        {"strategy": "plan@checkpoint", "status": "ok", "act_bytes": 99, "peak_step_bytes": 295,
+         "time_x": 1.08, "act_x": 0.139, "peak_x": 0.24, "step_s": 1.0, "step_over_predicted": 1.02,
+         "plan": {"predicted_bytes": 97, "predicted_peak_bytes": 290}, "bitwise_equal": True},
+        {"strategy": "plan@time", "status": "ok", "act_bytes": 60, "peak_step_bytes": 200, "time_x": 1.05,
+         "act_x": 0.3, "peak_x": 0.2, "step_over_predicted": 1.2,
+         "plan": {"predicted_bytes": 60, "predicted_peak_bytes": 150}, "bitwise_equal": False},
     ]
-    got = {c["target"].split(":")[0]: c["status"] for c in target_checks(rows)}
-    assert got["at checkpointing's memory"] == "PASS"
-    assert got["at <= 1.03x none's time"] == "FAIL"
-    assert got["at save_on_cpu+ckpt's memory"] == "n/a"
-    assert got["predicted step time and memory within 5% of measured (every plan row)"] == "FAIL"
-    assert got["gradients bitwise equal to none (every plan row)"] == "FAIL"
+    got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
+    assert got["at checkpointing's peak"]["status"] == "PASS"
+    assert got["at <= 1.03x none's time"]["status"] == "FAIL"
+    assert got["at save_on_cpu+ckpt's peak"]["status"] == "n/a"
+    peak = got["predicted peak within 5% of measured (every plan row)"]
+    assert peak["status"] == "FAIL" and "plan@checkpoint +1.7%" in peak["detail"] and "+33.3%" in peak["detail"]
+    assert got["predicted step time within 5% of measured (every plan row)"]["status"] == "FAIL"
+    bit = got["gradients bitwise equal to none (every plan row but labelled math changes)"]
+    assert bit["status"] == "FAIL" and "plan@time" in bit["detail"]
+    rows[2]["plan"].update(math_changing=True, head="chunked")     # a labelled math change passes
+    rows[2]["grad_max_rel_error"] = 3e-3
+    bit = {c["target"]: c for c in target_checks(rows)}[
+        "gradients bitwise equal to none (every plan row but labelled math changes)"]
+    assert bit["status"] == "PASS" and "math-changing head chunked" in bit["detail"] and "3.0e-03" in bit["detail"]
+    rows[1]["peak_step_bytes"] = 320           # over checkpointing's measured peak: the target fails
+    assert target_checks(rows)[0]["status"] == "FAIL"
+
+
+def test_slice_table_has_peak_columns_and_plan_lines():
+    from moe_offload.bench.real_model import format_slice_table, max_rel_error
+    mib = 2 ** 20
+    rows = [{"strategy": "checkpoint", "owner": "peer", "status": "ok", "step_s": 0.2, "time_x": 1.3,
+             "act_bytes": 100 * mib, "act_x": 0.14, "peak_step_bytes": 300 * mib, "peak_x": 0.25,
+             "d2h_bytes": 0, "h2d_bytes": 0, "bitwise_equal": True},
+            {"strategy": "plan@checkpoint", "owner": "ours", "status": "ok", "step_s": 0.16, "time_x": 1.02,
+             "act_bytes": 120 * mib, "act_x": 0.17, "peak_step_bytes": 297 * mib, "peak_x": 0.247,
+             "d2h_bytes": 5e8, "h2d_bytes": 5e8, "bitwise_equal": False, "grad_max_rel_error": 2e-3,
+             "step_over_predicted": 1.01, "note": "",
+             "plan": {"choices": ["0:norms/1"], "prefetch_layers": 1, "budget_bytes": 300 * mib,
+                      "predicted_s": 0.158, "predicted_peak_bytes": 290 * mib, "peak_moment": "loss backward",
+                      "math_changing": True, "head": "chunked"}},
+            {"strategy": "torchtune+ckpt", "owner": "peer", "status": "skipped", "note": "no torchtune"}]
+    text = format_slice_table(rows)
+    assert "PEAK MiB" in text and "peak x" in text
+    lines = text.splitlines()
+    assert "300.0" in lines[2] and "0.250" in lines[2] and lines[2].endswith("yes")
+    assert lines[3].endswith("math")
+    assert "peak budget 300.0 MiB" in lines[4] and "peak 290.0 MiB (loss backward)" in lines[4]
+    assert "x1.024" in lines[4] and "max rel grad error 2.0e-03" in lines[4]
+    assert "[skipped] no torchtune" in lines[5]
+    a, b = [torch.tensor([1.0, 2.0])], [torch.tensor([1.0, 4.0])]
+    assert max_rel_error(a, b) == pytest.approx(0.5)
 
 
 def test_check_step_is_strictly_deterministic(monkeypatch):
@@ -134,22 +178,24 @@ def test_plan_at_time_limit_is_against_none_not_our_no_plan_step():
 
 def test_out_of_reach_budget_row_runs_and_the_target_says_why():
     from moe_offload.plan import measure_model
-    from moe_offload.plan.solve import search
-    from moe_offload.offload import release_lag
+    from moe_offload.plan.memory_plan import candidates
     from moe_offload.bench.real_model import minimum_note
     model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
     layers, f = measure_model(model, lambda: model(input_ids=ids, labels=ids).loss,
                               min_offload_bytes=1024, iters=1, warmup=0)
-    cands = search(f, release_lag)
-    low = min(c.act_bytes for c in cands)
+    cands = candidates(f)
+    low = min(cands, key=lambda c: (c.peak_bytes, c.step_s))
     note = minimum_note(f, cands, 100, 1.0)
-    assert f"{low / 2**20:.1f} MiB =" in note and "run at that minimum" in note
+    assert f"least peak any plan reaches, {low.peak_bytes / 2**20:.1f} MiB" in note
+    assert "run at that minimum" in note and low.peak_moment in note
     rows = [{"strategy": "plan@save_on_cpu+ckpt", "status": "ok", "time_x": 1.1, "act_x": 0.01,
-             "act_bytes": low, "requested_budget_bytes": 100, "note": note,
-             "step_over_predicted": 1.0, "plan": {"predicted_bytes": low}, "bitwise_equal": True}]
+             "peak_x": 0.1, "act_bytes": low.act_bytes, "peak_step_bytes": low.peak_bytes,
+             "requested_budget_bytes": 100, "note": note, "step_over_predicted": 1.0,
+             "plan": {"predicted_bytes": low.act_bytes, "predicted_peak_bytes": low.peak_bytes},
+             "bitwise_equal": True}]
     got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
-    assert got["at save_on_cpu+ckpt's memory"]["status"] == "FAIL"
-    assert "out of reach" in got["at save_on_cpu+ckpt's memory"]["detail"]
+    assert got["at save_on_cpu+ckpt's peak"]["status"] == "FAIL"
+    assert "out of reach" in got["at save_on_cpu+ckpt's peak"]["detail"]
 
 
 def test_a_check_step_that_raises_in_strict_mode_falls_back_to_math():
@@ -163,3 +209,18 @@ def test_a_check_step_that_raises_in_strict_mode_falls_back_to_math():
     grads, mode, errors = _row_check(step, [w], cuda=False)
     assert mode == "math" and torch.equal(grads[0], torch.full((3,), 2.0))
     assert "strict" in errors[0] and "some_op" in errors[0]
+
+
+def test_hf_offload_peer_installs_and_is_removed():
+    """HF's checkpointing with its offload switch: installed (the switch is consumed by
+    transformers, not handed on to torch.utils.checkpoint) and removed without a trace."""
+    import functools
+    model, _ = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    inst = install_peer("hf_offload", model, model.model.layers, cuda=False)
+    funcs = [getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()]
+    funcs = [f for f in funcs if f is not None]
+    assert funcs and getattr(model, "is_gradient_checkpointing", True)
+    assert not any(isinstance(f, functools.partial) and "offload" in (f.keywords or {}) for f in funcs)
+    inst.remove()
+    assert not getattr(model, "is_gradient_checkpointing", False)
+    assert not hasattr(model, "_require_grads_hook")

@@ -263,7 +263,7 @@ def test_param_detach_stays_on_cuda():
 def test_checkpointed_layers_cuda(hooks_inside, reentrant):
     """A layer's own checkpointing re-entering the context in backward: passive."""
     from moe_offload.offload import offload_module_list
-    from tests.offload.test_module_hooks import CheckpointedLayer, _train
+    from tests.offload.test_layer_calls import CheckpointedLayer, _train
     torch.manual_seed(0)
     layers = nn.ModuleList(CheckpointedLayer(hooks_inside, reentrant) for _ in range(3)).to(DEV)
     x0 = torch.randn(512, 32, device=DEV)

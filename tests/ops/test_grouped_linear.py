@@ -72,11 +72,11 @@ def test_marks_weights_and_starts_offload_of_saved_input():
     m = GroupedLinear(2, 8, 4)
     x = torch.randn(6, 8, requires_grad=True)
     engine = Engine()
-    prev = marks._set_active_engine(engine)
+    prev = marks.set_active_engine(engine)
     try:
         m(x, [2, 4])
     finally:
-        marks._set_active_engine(prev)
+        marks.set_active_engine(prev)
     assert marks.is_marked_not_offload(m.weight) and marks.is_marked_not_offload(m.bias)
     assert any(t is x for t in engine.ready)
 

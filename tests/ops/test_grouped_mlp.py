@@ -145,11 +145,11 @@ def test_marks():
             self.ready.append(t)
 
     m = GroupedMLP(2, 8, 4, "swiglu", bias=True)
-    prev = marks._set_active_engine(Engine())
+    prev = marks.set_active_engine(Engine())
     try:
         m(torch.randn(6, 8), [2, 4], torch.rand(6))
     finally:
-        marks._set_active_engine(prev)
+        marks.set_active_engine(prev)
     assert all(marks.is_marked_not_offload(p) for p in m.parameters())
     # x (6, 8), probs (6,) and the fc1 output h (6, 2F = 8): each saved activation
     assert sorted(tuple(t.shape) for t in Engine.ready) == [(6,), (6, 8), (6, 8)]

@@ -34,7 +34,7 @@ def test_no_plan_predicts_the_measured_baseline():
     f = figures()
     p = predict(f, [Choice()] * 4, release_lag)
     assert p.step_s == pytest.approx(f.step_none_s) == pytest.approx(12.0)
-    assert p.act_bytes == f.act_none_bytes and p.offloaded_layers == 0
+    assert p.act_bytes == f.act_none_bytes and p.engine_layers == 0
 
 
 def test_copies_inside_the_window_are_free_and_beyond_it_cost():
@@ -68,7 +68,7 @@ def test_search_covers_mixes_and_prefetch():
     cands = search(f, release_lag)
     mixes = {c.choices for c in cands}
     assert (Choice("norms", 2),) * 2 + (Choice(),) * 2 in mixes
-    assert all(c.prefetch_layers >= 1 for c in cands if c.offloaded_layers)
+    assert all(c.prefetch_layers >= 1 for c in cands if c.engine_layers)
     fastest_small = min((c for c in cands if c.act_bytes <= f.act_none_bytes - 400),
                         key=lambda c: c.step_s)
     assert fastest_small.step_s < 12.0 + 4 * 0.1 + 1e-9
@@ -124,3 +124,127 @@ def test_split_extra_by_forward_share_and_only_where_measured():
         lf.fwd_s = 0.0                                   # no forward time: equal shares
     split_extra(f, "norms", 0.9)
     assert f.layers[0].extra_s["norms"] == pytest.approx(0.45)
+
+
+# --- the peak model (module docstring "Peak"), on hand-made figures -------------------------
+
+from moe_offload.plan.solve import HeadFigures  # noqa: E402
+
+
+def peak_figures(L=4, bw=100.0):
+    """``figures()`` with backward memory: each layer's backward starts holding 10 B besides
+    activations (``C_j``) and needs 40 B more while it runs without recompute, 90 B with the
+    norms recomputed (they come back); the loss needs 300 B above the forward's end while
+    it runs forward, 500 B backward; 7 B are saved before the layers."""
+    f = figures(L=L, bw=bw)
+    for lf in f.layers:
+        lf.bwd_fixed = 10
+        lf.bwd_transient = {"none": 40, "norms": 90}
+    f.heads["none"] = HeadFigures(fwd_transient=300, bwd_transient=500)
+    f.heads["checkpoint"] = HeadFigures(extra_s=0.5, saved_bytes=200, fwd_transient=50,
+                                        bwd_transient=120)
+    f.pre_bytes = 7
+    return f
+
+
+def test_peak_of_no_plan_is_the_loss_backward():
+    f = peak_figures()
+    p = predict(f, [Choice()] * 4, release_lag)
+    # act 2000 + the loss's 500 B backward transient; layer 3's backward: 10 + 4 x 250 + 40
+    assert p.peak_bytes == 2000 + 500 and p.peak_moment == "loss backward"
+
+
+def test_peak_moves_to_a_layer_backward_when_the_head_is_checkpointed():
+    f = peak_figures()
+    for lf in f.layers:
+        lf.bwd_transient = {"none": 900, "norms": 950}
+    p = predict(f, [Choice()] * 4, release_lag, head="checkpoint")
+    assert p.act_bytes == 2000 - 200
+    # loss: 1800 + 120; layer 3: 10 + 1000 + 900 = 1910 < 1920; layer 3 is the highest layer
+    assert p.peak_bytes == 1920 and p.peak_moment == "loss backward"
+    for lf in f.layers:
+        lf.bwd_transient["none"] = 1000
+    p = predict(f, [Choice()] * 4, release_lag, head="checkpoint")
+    assert p.peak_bytes == 10 + 1000 + 1000 and p.peak_moment == "backward of layer 3 (none)"
+
+
+def test_peak_counts_reloads_in_flight_and_the_recompute_transient():
+    """Layers 0-2 offload everything (230 B moved, 20 B resident each); layer 3 keeps its
+    250 B.  With prefetch p the backward of layer j holds the reloads of layers j-p..j."""
+    f = peak_figures()
+    f.heads["none"] = HeadFigures()
+    for lf in f.layers:
+        lf.bwd_transient = {"none": 400, "norms": 900}
+    plan = [Choice("none", 3)] * 3 + [Choice()]
+    for p_ in (1, 2):
+        pred = predict(f, plan, release_lag, prefetch_layers=p_)
+        # layer 2: C + resident 20 (0), 20 (1) -> layers 2-p..2 whole: 250 each
+        whole = min(p_, 2) + 1
+        expect_2 = 10 + whole * 250 + (3 - whole) * 20 + 400
+        expect_3 = 10 + 250 + sum(250 if i >= 3 - p_ else 20 for i in range(3)) + 400
+        assert pred.peak_bytes == max(expect_2, expect_3, pred.act_bytes)
+    # the norms option: its own, larger, transient on the layer that uses it
+    pred = predict(f, [Choice("norms", 0)] + [Choice()] * 3, release_lag)
+    assert pred.act_bytes == 2000 - 50
+    assert pred.peak_bytes == max(10 + 4 * 250 - 50 + 400, 10 + 200 + 900, pred.act_bytes)
+    for lf in f.layers:
+        lf.bwd_transient["norms"] = 1900
+    f.__dict__.pop("_bytes", None)
+    pred = predict(f, [Choice("norms", 0)] + [Choice()] * 3, release_lag)
+    assert pred.peak_bytes == 10 + 200 + 1900 and pred.peak_moment == "backward of layer 0 (norms)"
+
+
+def test_forward_peak_holds_unreleased_copies():
+    """Offloading 1 of 8 layers: the engine releases layer 0 at the entry of layer
+    max(2, 8 - 1) = 7, so the forward holds all of layer 0 until then."""
+    f = figures(L=8, bw=1e9)
+    f.pre_bytes = 7
+    for lf in f.layers:
+        lf.bwd_fixed, lf.bwd_transient = 0, {"none": 0}
+    pred = predict(f, [Choice("none", 3)] + [Choice()] * 7, release_lag, prefetch_layers=1)
+    # entering layer 7 (before the release): 7 + 250 (layer 0 whole) + 6 x 250
+    assert pred.peak_bytes == max(7 + 7 * 250, pred.act_bytes)
+    assert pred.act_bytes == f.act_none_bytes - 230
+
+
+def test_peak_limit_picks_a_shallower_prefetch():
+    f = peak_figures(L=6, bw=230 / 3)      # a reload takes 3 s, a layer's backward 2 s
+    f.heads["none"] = HeadFigures()
+    f.act_none_bytes = 6 * 250              # nothing outside the layers
+    for lf in f.layers:
+        lf.bwd_transient = {"none": 0, "norms": 0}
+    plan = [Choice("none", 3)] * 3 + [Choice()] * 3     # reloads issued early have time
+    free = predict(f, plan, release_lag)
+    assert free.prefetch_layers == 3        # 22 s; p = 1: 25 s, p = 2: 23 s
+    # layer 5's backward with p reloads issued: 10 + 3 x 250 + 3 x 20 + (p - 2) x 230
+    limit = predict(f, plan, release_lag, prefetch_layers=2).peak_bytes
+    assert limit == 10 + 750 + 60 and free.peak_bytes == limit + 230
+    tight = predict(f, plan, release_lag, peak_limit=limit)
+    assert tight.prefetch_layers == 2 and tight.peak_bytes <= limit
+
+
+def test_search_candidates_carry_every_head_and_scaled_figures_scale():
+    f = peak_figures()
+    cands = search(f, release_lag)
+    assert {c.head for c in cands} == {"none", "checkpoint"}
+    g = f.scaled(2.0)
+    assert g.act_none_bytes == 2 * f.act_none_bytes and g.layers[0].bwd_fixed == 20
+    assert g.heads["none"].bwd_transient == 1000 and g.layers[0].fwd_s == 2.0
+    a = predict(f, [Choice("norms", 1)] * 4, release_lag, prefetch_layers=1)
+    b = predict(g, [Choice("norms", 1)] * 4, release_lag, prefetch_layers=1)
+    assert b.peak_bytes == 2 * a.peak_bytes and b.step_s == pytest.approx(2 * a.step_s)
+    assert f.layers[0].bwd_fixed == 10            # the original is untouched
+
+
+def test_scaled_keeps_the_transients_of_a_chunked_head():
+    """A loss computed a fixed number of tokens at a time has the same transient at any
+    length: scaling it with the tokens over-predicted the H100 run's peak by 24%."""
+    f = peak_figures()
+    f.heads["chunked"] = HeadFigures(saved_bytes=300, fwd_transient=70, bwd_transient=90,
+                                     exact=False, fixed_transient=True)
+    g = f.scaled(4.0)
+    assert (g.heads["chunked"].fwd_transient, g.heads["chunked"].bwd_transient) == (70, 90)
+    assert g.heads["chunked"].saved_bytes == 1200 and not g.heads["chunked"].exact
+    assert g.heads["none"].bwd_transient == 4 * 500
+    p = predict(g, [Choice()] * 4, release_lag, head="chunked")
+    assert p.peak_bytes == max(g.act_none_bytes - 1200 + 90, 4 * (10 + 4 * 250 + 40))

@@ -7,12 +7,30 @@ Two one-liners:
   package): run HF's experts on our fused grouped MLP (:mod:`.experts`).
 - ``handle = offload(model)``: offload the activations of the decoder layers with our
   engine, alone or with ``model.gradient_checkpointing_enable()`` (:mod:`.offload`).
+- ``handle = use_chunked_loss(model)``: the training loss computed in token chunks from the
+  final hidden states, so the logits of all tokens never exist at once (:mod:`.loss`).
+
+And for training loops (:mod:`.trainer`, imported on first use):
+``Trainer(..., callbacks=[MoEOffloadCallback()])`` plans activation memory at the first
+training batch; ``with plan_on_first_batch(model, optimizer): ...`` does it in a plain loop.
 """
 from .experts import (IMPLEMENTATION, RECIPES, RECOMPUTE_ATTR, runs_moe_offload, ExpertsSpec, inspect_experts,
                       moe_offload_experts_forward, register, set_recipe,
                       use_moe_offload_experts)
+from .loss import ChunkedLossHandle, use_chunked_loss
 from .offload import OffloadHandle, find_decoder_layers, offload
 
 __all__ = ["IMPLEMENTATION", "RECIPES", "RECOMPUTE_ATTR", "runs_moe_offload", "ExpertsSpec", "inspect_experts",
            "moe_offload_experts_forward", "register", "set_recipe", "use_moe_offload_experts",
-           "offload", "OffloadHandle", "find_decoder_layers"]
+           "offload", "OffloadHandle", "find_decoder_layers", "use_chunked_loss", "ChunkedLossHandle",
+           "MoEOffloadCallback", "FirstBatchPlanner", "plan_on_first_batch"]
+
+_TRAINER_NAMES = ("MoEOffloadCallback", "FirstBatchPlanner", "plan_on_first_batch")
+
+
+def __getattr__(name):
+    # The trainer module imports transformers' Trainer machinery: load it on first use.
+    if name in _TRAINER_NAMES:
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

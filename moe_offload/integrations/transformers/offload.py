@@ -8,41 +8,24 @@ the reloads.  The embeddings, the final norm, the LM head and the loss run outsi
 context and are never offloaded; by default the last decoder layer is resident too
 (``num_layers = L - 1``: its activations are needed first in backward).
 
-Where the context is entered, and why (gradient checkpointing)
-==============================================================
-HF's ``gradient_checkpointing_enable()`` checkpoints each decoder layer with
-``torch.utils.checkpoint`` (non-reentrant by default).  With offload around it, the
-right split is: the checkpoint's *inputs* (saved by the checkpoint itself) go through
-our hooks and travel to the host, and everything inside the layer is recomputed.  That
-needs our context entered *outside* the checkpointed function.  Module hooks cannot
-promise that: transformers <= 5.17 overrides ``GradientCheckpointingLayer.__call__``
-and runs the module's hooks *inside* the checkpointed function (they would then see
-the layer's internals instead of its inputs, and run again during the backward
-recomputation), while transformers >= 5.24 checkpoints ``forward`` and runs the hooks
-outside.  So we wrap ``__call__`` itself: each decoder layer's class is swapped for a
-subclass (cached per class, same name, only ``__call__`` added; ``forward`` is the
-original class's, so HF's "only the outermost wrapper checkpoints" rule still holds)
-whose ``__call__`` enters the context, runs the original ``__call__`` (hooks,
-checkpointing and all) and exits.  The backward recomputation calls the layer's inner
-function directly, never this ``__call__``, so it never re-enters the context.
-:meth:`OffloadHandle.remove` restores the original classes; call it before pickling or
-deep-copying the model object (the swapped class is not importable by name, and the
-handle holds the engine); ``state_dict`` is unaffected.
+Gradient checkpointing
+======================
+HF's ``gradient_checkpointing_enable()`` checkpoints each decoder layer; with offload
+around it only each checkpointed layer's *inputs* travel and everything inside is
+recomputed, with every transformers 5.x (<= 5.17 runs module hooks inside the
+checkpoint, >= 5.24 outside): the layers' ``__call__`` is wrapped, not hooked, by the
+engine's :class:`moe_offload.offload.OffloadedLayers` (``layer_calls.py`` says why).  :meth:`OffloadHandle.remove` restores the original classes; call it before
+pickling or deep-copying the model object; ``state_dict`` is unaffected.
 """
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
-import torch
 from torch import nn
 
-from ...offload import first_grad_tensor, get_cpu_offload_context
+from ...offload import OffloadedLayers, get_cpu_offload_context
 
 __all__ = ["offload", "OffloadHandle", "find_decoder_layers"]
-
-_HANDLE_ATTR = "_moe_offload_handle"
-_SUBCLASSES: dict = {}       # original layer class -> its offloading subclass
 
 
 def _checkpointing_layer_class():
@@ -83,39 +66,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(found, key=_num_params)
 
 
-def _offloading_call(self, *args, **kwargs):
-    """``__call__`` of the swapped decoder layer class: one engine layer per call."""
-    handle = self.__dict__[_HANDLE_ATTR]
-    ctx = handle.context
-    ctx.__enter__()
-    try:
-        output = super(type(self), self).__call__(*args, **kwargs)   # the original __call__
-    except BaseException:
-        ctx.__exit__(*sys.exc_info())
-        raise
-    ctx.__exit__(None, None, None)
-    if torch.is_grad_enabled():
-        x = first_grad_tensor(output)
-        if x is not None:
-            handle.sync(x)
-    return output
-
-
-def _offloading_class(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        sub = type(cls.__name__, (cls,), {"__call__": _offloading_call,
-                                          "__module__": cls.__module__,
-                                          "__qualname__": cls.__qualname__})
-        # transformers >= 5.24 wraps each subclass's forward for checkpointing again;
-        # keep the original class's forward (already wrapped there) so that the
-        # "only the outermost wrapper checkpoints" rule sees one wrapper.
-        sub.forward = cls.forward
-        _SUBCLASSES[cls] = sub
-    return sub
-
-
-class OffloadHandle:
+class OffloadHandle(OffloadedLayers):
     """Returned by :func:`offload`: ``stats()``, ``reset_stats()``, ``remove()``.
 
     ``layers`` is the decoder layer list, ``context`` the engine's context,
@@ -123,27 +74,8 @@ class OffloadHandle:
     """
 
     def __init__(self, layers: List[nn.Module], context, sync, num_layers: int) -> None:
-        self.layers = layers
-        self.context = context
-        self.sync = sync
+        super().__init__(layers, context, sync)          # raises if already offloaded
         self.num_layers = num_layers
-        self._classes = {}
-
-    def stats(self) -> dict:
-        """The engine's cumulative counters (see ``CpuOffloadContext.stats``)."""
-        return self.context.stats()
-
-    def reset_stats(self) -> None:
-        """Zero the engine's counters."""
-        self.context.reset_stats()
-
-    def remove(self) -> None:
-        """Restore the decoder layers' original classes; offload stops."""
-        for layer in self.layers:
-            if layer.__dict__.get(_HANDLE_ATTR) is self:
-                layer.__class__ = self._classes[id(layer)]
-                del layer.__dict__[_HANDLE_ATTR]
-        self._classes.clear()
 
 
 def offload(model: nn.Module, num_layers: Optional[int] = None, *,
@@ -169,10 +101,6 @@ def offload(model: nn.Module, num_layers: Optional[int] = None, *,
     found = list(find_decoder_layers(model) if layers is None else layers)
     if not found:
         raise ValueError("offload: the decoder layer list is empty")
-    for layer in found:
-        if _HANDLE_ATTR in layer.__dict__:
-            raise RuntimeError(f"offload: {type(layer).__name__} is already offloaded; call "
-                               "remove() on the previous handle first")
     L = len(found)
     n = L - 1 if num_layers is None else num_layers
     if not isinstance(n, int) or not 0 <= n <= L:
@@ -181,9 +109,4 @@ def offload(model: nn.Module, num_layers: Optional[int] = None, *,
         p = next(found[0].parameters(), None)
         engine_kwargs["emulate"] = p is None or p.device.type == "cpu"
     ctx, sync = get_cpu_offload_context(True, num_layers=n, model_layers=L, **engine_kwargs)
-    handle = OffloadHandle(found, ctx, sync, n)
-    for layer in found:
-        handle._classes[id(layer)] = type(layer)
-        layer.__dict__[_HANDLE_ATTR] = handle
-        layer.__class__ = _offloading_class(type(layer))
-    return handle
+    return OffloadHandle(found, ctx, sync, n)
