@@ -4,8 +4,10 @@ Run it as ``python -m moe_offload [bench]`` (see ``--help``).  Modules, in readi
 
 - :mod:`~moe_offload.bench.config`: presets, flags, validation;
 - :mod:`~moe_offload.bench.models`: the fused / unfused / MoE stacks;
-- :mod:`~moe_offload.bench.strategies`: the strategies as data, their runners;
-- :mod:`~moe_offload.bench.measure`: bandwidth, timing, memory, saved bytes, grads;
+- :mod:`~moe_offload.bench.strategies`: the strategies as data, their runners (ours: plans
+  of :mod:`moe_offload.plan`);
+- :mod:`~moe_offload.bench.measure`: a row's timing, memory and grads (on
+  :mod:`moe_offload.plan.measure`);
 - :mod:`~moe_offload.bench.run`: runs every (stack, strategy) pair, derives ratios;
 - :mod:`~moe_offload.bench.checks`: Pareto/dominance checks (pure functions);
 - :mod:`~moe_offload.bench.table`, :mod:`~moe_offload.bench.report_json`,
@@ -15,8 +17,7 @@ Run it as ``python -m moe_offload [bench]`` (see ``--help``).  Modules, in readi
 from .checks import Point, comparisons, dominance_check, hideable_check, lower_bound_check
 from .config import PRESETS, BenchConfig
 from .run import run_bench
-from .strategies import Strategy, plan_hideable_layers, strategy_list
+from .strategies import Strategy, strategy_list
 
-__all__ = ["BenchConfig", "PRESETS", "run_bench", "Strategy", "strategy_list",
-           "plan_hideable_layers", "Point", "dominance_check", "hideable_check",
-           "lower_bound_check", "comparisons"]
+__all__ = ["BenchConfig", "PRESETS", "run_bench", "Strategy", "strategy_list", "Point",
+           "dominance_check", "hideable_check", "lower_bound_check", "comparisons"]

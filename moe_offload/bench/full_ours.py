@@ -73,7 +73,7 @@ def ours_row(run, row: dict, ref_tokens: Optional[int]) -> dict:
     """Fill ``row`` (see the module docstring); returns ``{"text", "budget", ...}`` for
     the report."""
     from .. import fit
-    from ..plan import use_our_experts
+    from .peers import use_our_experts
     model, cuda, unit = run.model, run.cuda, run.unit
     device = "cuda" if cuda else "cpu"
     if not use_our_experts(model):

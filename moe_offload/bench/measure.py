@@ -1,7 +1,10 @@
-"""Measuring: copy bandwidth, step timing, activation memory, saved bytes, grads.
+"""The bench's row measurements: step timing, activation and peak memory, grads.
 
 Everything here is strategy-agnostic: a *step* is ``forward(x) -> y`` then
-``y.backward(dy)``, given as two callables.
+``y.backward(dy)``, given as two callables.  What the planner measures too (copy
+bandwidth, saved bytes, step timing) is :mod:`moe_offload.plan.measure`'s; this module
+adds what only rows need: one step's activation memory and peak (below), the memory
+trace of a step, and the bitwise check of gradients.
 
 Memory on CUDA is ``torch.cuda.memory_allocated`` (activation memory = allocated after
 forward minus before forward) and ``max_memory_allocated`` after a reset (peak).  On the
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -23,97 +25,63 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 
-__all__ = ["StepTimes", "StepMemory", "MemoryMeasurementError", "measure_bandwidth", "time_steps",
-           "measure_memory", "count_saved_bytes", "capture_grads", "grads_bitwise_equal",
+from ..plan.measure import time_step
+
+__all__ = ["StepTimes", "StepMemory", "MemoryMeasurementError", "time_steps", "loss_with_grad",
+           "measure_memory", "allocate_grads", "capture_grads", "grads_bitwise_equal",
            "trace_memory"]
 
 MiB = 1 << 20
 
 
-# ------------------------------------------------------------------------- bandwidth
-def _fastest_seconds(fn: Callable[[], None], reps: int, cuda: bool) -> float:
-    """The shortest of ``reps`` timed calls of ``fn`` (CUDA events on the GPU)."""
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def measure_bandwidth(device: torch.device, nbytes: int = 256 * MiB, reps: int = 7) -> dict:
-    """Copy bandwidth (bytes/s) each way between pinned host memory and ``device``.
-
-    Both directions are warmed up twice, then each is the *fastest* of ``reps`` timed
-    copies: the figure feeds the transfer lower bound, so it must be what the link can
-    do, not a median dragged down by a slow first copy (seen once on the H100: a median
-    of 25 GB/s right after start-up, against 55 GB/s measured everywhere else).
-
-    On the CPU this is a plain host memcpy (both directions are the same copy)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    n = nbytes // 4
-    host = torch.empty(n, dtype=torch.float32, pin_memory=cuda)
-    host.fill_(1.0)
-    dev = torch.empty(n, dtype=torch.float32, device=device)
-    for _ in range(2):                  # warm up the copy engines and the pages
-        dev.copy_(host, non_blocking=cuda)
-        host.copy_(dev, non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize()
-    d2h = _fastest_seconds(lambda: host.copy_(dev, non_blocking=cuda), reps, cuda)
-    h2d = _fastest_seconds(lambda: dev.copy_(host, non_blocking=cuda), reps, cuda)
-    return {"bytes": n * 4, "d2h_Bps": n * 4 / d2h, "h2d_Bps": n * 4 / h2d,
-            "kind": "pinned host <-> device" if cuda else "host memcpy (no device)"}
-
-
 # ----------------------------------------------------------------------------- timing
 @dataclass
 class StepTimes:
-    """Median seconds of the timed steps: forward, backward, whole step."""
+    """Median seconds of the timed steps: forward, backward, whole step; every step's."""
     fwd_s: float
     bwd_s: float
     step_s: float
     all_step_s: list = field(default_factory=list)
 
 
+class _Pending:
+    """A forward's output waiting for its backward: ``backward()`` runs ``backward(y)`` (so
+    a step given as two callables runs where a loss is expected)."""
+
+    def __init__(self, y, backward: Callable[[torch.Tensor], None]):
+        self.y, self.run = y, backward
+
+    def backward(self) -> None:
+        y, self.y = self.y, None
+        self.run(y)
+
+
 def time_steps(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
                iters: int, cuda: bool, before_step: Callable[[], None] = lambda: None) -> StepTimes:
-    """Run ``iters`` steps; CUDA events around forward and backward (host clock on CPU)."""
-    fwd, bwd, step = [], [], []
-    for _ in range(iters):
-        before_step()
-        if cuda:
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            torch.cuda.synchronize()
-            e0.record()
-            y = forward()
-            e1.record()
-            backward(y)
-            e2.record()
-            e2.synchronize()
-            f, b = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
-        else:
-            t0 = time.perf_counter()
-            y = forward()
-            t1 = time.perf_counter()
-            backward(y)
-            t2 = time.perf_counter()
-            f, b = t1 - t0, t2 - t1
-        del y
-        fwd.append(f)
-        bwd.append(b)
-        step.append(f + b)
-    return StepTimes(statistics.median(fwd), statistics.median(bwd), statistics.median(step), step)
+    """Run ``iters`` steps, each ``before_step()``, ``y = forward()``, ``backward(y)``, timed by
+    :func:`moe_offload.plan.measure.time_step` (CUDA events; the host clock on the CPU)."""
+    t = time_step(nn.ModuleList(), lambda: _Pending(forward(), backward), iters, 0, cuda,
+                  before_step)
+    return StepTimes(t.fwd_s, t.bwd_s, t.step_s, list(t.step_samples))
+
+
+class _OutputGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, dy):
+        ctx.dy = dy                  # an attribute, not a saved tensor: no hook sees it
+        return y.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.dy, None
+
+
+def loss_with_grad(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """A scalar whose ``backward()`` is ``y.backward(dy)`` (bitwise: ``y``'s gradient is
+    ``dy`` itself), for code that expects a loss (the planner's ``step_fn``)."""
+    return _OutputGrad.apply(y, dy)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -287,33 +255,6 @@ def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.
             p.grad = None
     return {"t_s": [s[0] for s in samples], "bytes": [int(s[1]) for s in samples],
             "fwd_end_s": fwd_end, "source": "torch.cuda.memory_allocated at layer boundaries"}
-
-
-# ------------------------------------------------------------------------ saved bytes
-def count_saved_bytes(forward: Callable[[], torch.Tensor], min_bytes: int = 0) -> dict:
-    """Bytes autograd saves in one forward, counted by identity saved-tensor hooks.
-
-    ``all_bytes`` counts every pack (what ``save_on_cpu`` copies each way: parameters
-    included, a tensor saved twice counted twice); ``activation_bytes`` leaves out
-    parameters; ``large_activation_bytes`` counts only activations of at least
-    ``min_bytes`` (what an engine with that size threshold moves).  The graph is dropped
-    before returning."""
-    counts = {"all_bytes": 0, "activation_bytes": 0, "large_activation_bytes": 0, "tensors": 0}
-
-    def pack(t: torch.Tensor):
-        nbytes = t.numel() * t.element_size()
-        counts["all_bytes"] += nbytes
-        counts["tensors"] += 1
-        if not isinstance(t, torch.nn.Parameter):
-            counts["activation_bytes"] += nbytes
-            if nbytes >= min_bytes:
-                counts["large_activation_bytes"] += nbytes
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = forward()
-    del y
-    return counts
 
 
 # ------------------------------------------------------------------------------ grads

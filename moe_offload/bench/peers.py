@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["Installed", "PEERS", "install_peer", "torchtune_available", "sac_policy_ops",
+__all__ = ["Installed", "PEERS", "install_peer", "torchtune_available", "sac_policy_ops", "use_our_experts",
            "liger_available", "liger_causal_lm_loss", "hidden_state_loss"]
 
 
@@ -238,3 +238,18 @@ def install_peer(name: str, model, layers, cuda: bool) -> Installed:
 
 
 PEERS = ("none", "checkpoint", "sac", "save_on_cpu+ckpt", "hf_offload", "torchtune", "torchtune+ckpt")
+
+
+def use_our_experts(model) -> bool:
+    """Run an HF ``model``'s experts on our fused grouped MLP
+    (:func:`moe_offload.integrations.transformers.use_moe_offload_experts`); True when it
+    switched, False when transformers is missing or the model has no supported experts."""
+    try:
+        from ..integrations.transformers import use_moe_offload_experts
+    except ImportError:
+        return False
+    try:
+        use_moe_offload_experts(model)
+    except ValueError:
+        return False
+    return True

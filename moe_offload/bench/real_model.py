@@ -257,7 +257,8 @@ def _bitwise(row: dict, name: str, step, params, refs: dict, ref_key: str, cuda:
 def run_real(cfg, progress: Callable = None, log=sys.stderr) -> dict:
     """Run every row of the real-model benchmark -> ``{"rows", "planner"}``; rows carry the
     same keys as the synthetic benchmark's (ratios are added by ``derive``)."""
-    from ..plan import measure_model, use_our_experts
+    from ..plan import measure_model
+    from .peers import use_our_experts
     from ..plan.memory_plan import candidates, choose
     from ..offload import release_lag
 

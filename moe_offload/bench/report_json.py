@@ -2,7 +2,7 @@
 
 Top-level keys:
 
-- ``schema``: ``"moe_offload.bench/1"``.
+- ``schema``: ``"moe_offload.bench/2"`` (2: ``plan`` is the general planner's).
 - ``config``: the run's :class:`~moe_offload.bench.config.BenchConfig` (``tokens``,
   ``hidden``, ``ffn``, ``experts``, ``layers``, ``dtype``, ``device``, ``preset``,
   ``recipe``, ``stack``, ``model``, ``splits``, ``strategies``, ``iters``, ``warmup``, ...).
@@ -33,13 +33,15 @@ Top-level keys:
   - ``output_bytes``: bytes of the stack output (the floor of every act figure: it stays
     on the GPU for the loss); ``prefetch_layers``: the engine's prefetch depth (null: no
     engine);
-  - ``plan``: null, or for planned rows (``offload_hideable``, ``fc1_recompute+offload``,
-    ``plan@<peer>``, ``plan@half-<peer>``) the planner's choice
-    (:mod:`moe_offload.plan`): ``offloaded_layers`` (k, the first k layers),
-    ``offload_mode`` (``activation``/``fc1``/``checkpoint``), ``fc1_layers`` (indices in
-    fc1 mode), ``prefetch_layers``, ``predicted_s``, ``predicted_fwd_s``,
-    ``predicted_bytes`` (memory after forward) and ``budget_bytes`` (null: no budget);
-    ``step_over_predicted`` (measured / predicted step) and ``act_minus_predicted_bytes``.
+  - ``plan``: null, or for every row of ours the general planner's plan it ran
+    (:mod:`moe_offload.bench.strategies`): ``choices`` (per layer
+    ``"<recompute>/o<offload level>"``, :class:`moe_offload.plan.Choice`),
+    ``offloaded_layers`` (the engine's layer count: one past the last layer that offloads),
+    ``prefetch_layers``, ``predicted_s``, ``predicted_fwd_s``, ``predicted_bytes``
+    (memory after forward), ``predicted_peak_bytes`` (the step's peak above its start,
+    what ``budget_bytes`` bounds), ``peak_moment`` and ``budget_bytes`` (null: no budget);
+    ``step_over_predicted`` (measured / predicted step), ``act_minus_predicted_bytes`` and
+    ``peak_minus_predicted_bytes`` (``peak_step_bytes`` minus the predicted peak).
 - ``published``: the peers' published figures (not measured):
   ``[{"name", "time_x", "act_x", "baseline": "unfused none"}]``.
 - ``checks``: :func:`moe_offload.bench.checks.comparisons` -- ``engine_vs_engine``,
@@ -62,7 +64,7 @@ from .checks import PUBLISHED
 
 __all__ = ["SCHEMA", "TOP_LEVEL_KEYS", "ROW_KEYS", "build_report", "write_json"]
 
-SCHEMA = "moe_offload.bench/1"
+SCHEMA = "moe_offload.bench/2"
 TOP_LEVEL_KEYS = ("schema", "config", "env", "rows", "published", "checks", "traces")
 # Keys every "ok" row carries.
 ROW_KEYS = ("stack", "base_stack", "strategy", "family", "owner", "description", "reference",

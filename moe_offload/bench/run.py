@@ -11,27 +11,32 @@ Derived per row (:func:`derive`): ratios to ``none`` of the same stack (``time_x
 copy rates, and the transfer lower bound
 ``lb_s = max(fwd_base, d2h/bw_d2h) + max(bwd_base, h2d/bw_h2d)`` where ``base`` is the
 strategy's variant without offload (``none``, ``fc1_recompute`` or the recipe).
-Planned rows also get ``step_over_predicted`` (measured step / the planner's prediction)
-and ``act_minus_predicted_bytes``.
+Rows of ours run a plan of the general planner (:mod:`moe_offload.bench.strategies`) on
+the stack's figures, measured once per stack by :func:`~moe_offload.plan.measure_model`
+(the step ``loss_with_grad(stack(x), dy)``: its backward is ``y.backward(dy)``); they also
+get ``step_over_predicted`` (measured step / the planner's prediction),
+``act_minus_predicted_bytes`` and ``peak_minus_predicted_bytes``.
 """
 from __future__ import annotations
 
 import datetime
 import platform
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
 
-from ..plan.stack import LayerCosts, costs_from_measurements
+from ..plan import measure_model
+from ..plan.measure import pinned_bandwidth
 from .config import BenchConfig
-from .measure import (allocate_grads, capture_grads, count_saved_bytes, grads_bitwise_equal,
-                      measure_bandwidth, measure_memory, time_steps, trace_memory)
+from .measure import (allocate_grads, capture_grads, grads_bitwise_equal, loss_with_grad,
+                      measure_memory, time_steps, trace_memory)
 from .models import build_stacks, make_inputs
-from .strategies import PEER_FAMILIES, PlanInfo, Skip, Strategy, plan_hideable_layers, strategy_list
+from .strategies import PEER_FAMILIES, PlanInfo, Skip, Strategy, plan_dict, strategy_list
 
 __all__ = ["environment", "plan_runs", "run_bench", "derive", "progress", "min_offload_bytes",
-           "best_offload_row", "stack_costs"]
+           "best_offload_row", "stack_figures"]
 
 _VARIANT_BASE = {"": "none", "fc1": "fc1_recompute"}  # "recipe" -> the recipe's name
 
@@ -40,7 +45,7 @@ def environment(cfg: BenchConfig) -> dict:
     """Torch version, device name, measured copy bandwidth, date."""
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
-    bw = measure_bandwidth(device, nbytes=(256 if cuda else 32) << 20)
+    bw = _bandwidth(device, cuda)
     return {
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -50,6 +55,22 @@ def environment(cfg: BenchConfig) -> dict:
         "bandwidth": bw,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _bandwidth(device: torch.device, cuda: bool) -> dict:
+    """Copy bandwidth each way: pinned host <-> device (``pinned_bandwidth``, 256 MiB), or on
+    the CPU the host memcpy the engine's emulate path does (fastest of 5 copies of 32 MiB)."""
+    if cuda:
+        d2h, h2d = pinned_bandwidth(device)
+        return {"bytes": 256 << 20, "d2h_Bps": d2h, "h2d_Bps": h2d, "kind": "pinned host <-> device"}
+    a, b = torch.ones(8 << 20), torch.empty(8 << 20)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return {"bytes": 32 << 20, "d2h_Bps": (32 << 20) / best, "h2d_Bps": (32 << 20) / best,
+            "kind": "host memcpy (no device)"}
 
 
 def progress(items: list, enabled: bool, desc: str = "bench"):
@@ -120,64 +141,53 @@ def min_offload_bytes(cfg: BenchConfig) -> int:
     return min(256 * 1024, cfg.tokens * cfg.hidden * itemsize // 8)
 
 
-def stack_costs(cfg: BenchConfig, base_stack: str, by_key: dict, saved_bytes: Callable[[str], dict],
-                bandwidth: dict) -> Optional[LayerCosts]:
-    """The planner's per-layer figures of ``base_stack`` from the rows measured so far.
-
-    Needs ``none`` of the stack; uses ``fc1_recompute`` (``<stack>/fc1``) for fc1's extra
-    backward time and ``checkpoint`` for recompute's, when they ran.  Per layer = stack
-    figure / ``L`` (the forward and backward times are measured separately).  The stack
-    output and the layer-0 input are ``T * H`` elements each.  ``None`` until ``none`` ran."""
-    def ok(stack, name):
-        r = by_key.get((stack, name))
-        return r if r is not None and r["status"] == "ok" else None
-    none = ok(base_stack, "none")
-    if none is None:
-        return None
-    fc1, ckpt = ok(f"{base_stack}/fc1", "fc1_recompute"), ok(base_stack, "checkpoint")
-    threshold = min_offload_bytes(cfg)
-    x_bytes = cfg.tokens * cfg.hidden * torch.empty((), dtype=cfg.torch_dtype).element_size()
-    return costs_from_measurements(
-        num_layers=cfg.layers, none_fwd_s=none["fwd_s"], none_bwd_s=none["bwd_s"],
-        none_act_bytes=none["act_bytes"],
-        act_saved_bytes=saved_bytes(base_stack, threshold)["large_activation_bytes"],
-        fc1_saved_bytes=saved_bytes(f"{base_stack}/fc1", threshold)["large_activation_bytes"]
-        if fc1 else None,
-        x_bytes=x_bytes, output_bytes=x_bytes, d2h_Bps=bandwidth["d2h_Bps"],
-        h2d_Bps=bandwidth["h2d_Bps"], fc1_bwd_s=fc1["bwd_s"] if fc1 else None,
-        ckpt_bwd_s=ckpt["bwd_s"] if ckpt else None)
+def stack_figures(cfg: BenchConfig, stack, x: torch.Tensor, dy: torch.Tensor, variant: bool,
+                  bandwidth: dict) -> tuple:
+    """The planner's figures of ``stack`` (``measure_model``'s ``(layers, ModelFigures)``):
+    the step is ``loss_with_grad(stack(x), dy)``, timed ``warmup + iters`` times per
+    recompute option at the run's engine threshold and measured bandwidth.  ``variant``
+    (``fused/fc1``, ``fused/<recipe>``): only ``none`` is measured, so plans on a variant
+    only offload.  ``x.grad`` is reset afterwards (the model's own state is restored by
+    ``measure_model``)."""
+    try:
+        return measure_model(stack.layers, lambda: loss_with_grad(stack.forward(x), dy), stack.layers,
+                             min_offload_bytes=min_offload_bytes(cfg),
+                             options=("none",) if variant else None, iters=max(1, cfg.iters),
+                             warmup=cfg.warmup, bandwidth=(bandwidth["d2h_Bps"], bandwidth["h2d_Bps"]),
+                             emulate=not cfg.is_cuda)
+    finally:
+        x.grad = None
 
 
-def _peer_act_bytes(rows: list) -> dict:
-    """``{peer strategy: smallest act bytes over the stacks it ran on}``, plus ``"none"``:
-    the *largest* no-offload act bytes over the stacks (the unfused stack's when it ran:
-    half of it is the system-level "hideable" budget)."""
+def _peer_peak_bytes(rows: list) -> dict:
+    """``{peer strategy: smallest step peak (peak_step_bytes) over the stacks it ran on}``,
+    plus ``"none"``: the *largest* no-offload peak over the stacks (the unfused stack's when
+    it ran: half of it is the system-level "hideable" budget)."""
     out = {}
     for r in rows:
-        if r["status"] == "ok" and r["strategy"] in PEER_FAMILIES:
-            out[r["strategy"]] = min(out.get(r["strategy"], r["act_bytes"]), r["act_bytes"])
-        if r["status"] == "ok" and r["strategy"] == "none":
-            out["none"] = max(out.get("none", r["act_bytes"]), r["act_bytes"])
+        if r["status"] != "ok":
+            continue
+        b = r["peak_step_bytes"]
+        if r["strategy"] in PEER_FAMILIES:
+            out[r["strategy"]] = min(out.get(r["strategy"], b), b)
+        if r["strategy"] == "none":
+            out["none"] = max(out.get("none", b), b)
     return out
 
 
 def _plan_fields(row: dict, runner) -> None:
     plan = getattr(runner, "plan", None)
-    row["prefetch_layers"] = getattr(runner, "prefetch_layers", None)
-    if plan is None:
-        row["plan"] = None
-        return
-    row["plan"] = dict(plan.to_dict(), budget_bytes=getattr(runner, "budget_bytes", None))
-    row["prefetch_layers"] = plan.prefetch_layers
+    row["plan"] = None if plan is None else plan_dict(plan)
+    row["prefetch_layers"] = None if plan is None else plan.prefetch_layers
+    row["offloaded_layers"] = None if plan is None else plan.prediction.engine_layers
 
 
 def _plan_text(row: dict) -> str:
     p = row.get("plan")
     if not p:
         return ""
-    return (f"; plan k={p['offloaded_layers']} {p['offload_mode']} fc1={p['fc1_layers']} "
-            f"p={p['prefetch_layers']} predicted {p['predicted_s'] * 1e3:.2f} ms / "
-            f"{p['predicted_bytes'] / 2**20:.1f} MiB")
+    return (f"; plan {' '.join(p['choices'])} p={p['prefetch_layers']} predicted "
+            f"{p['predicted_s'] * 1e3:.2f} ms / peak {p['predicted_peak_bytes'] / 2**20:.1f} MiB")
 
 
 def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: None) -> dict:
@@ -191,16 +201,15 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: Non
     x, dy = make_inputs(cfg)
     output_bytes = x.numel() * x.element_size()  # the stack output is (T, H) like x
     plan = plan_runs(cfg)
-    rows, refs, saved_counts = [], {}, {}
-    by_key = {}
+    rows, refs, by_key, infos, figures = [], {}, {}, {}, {}
 
-    infos = {}
-
-    def saved_bytes(stack_name: str, threshold: int = 0) -> dict:
-        if (stack_name, threshold) not in saved_counts:
-            stack = stacks[stack_name]
-            saved_counts[stack_name, threshold] = count_saved_bytes(lambda: stack.forward(x), threshold)
-        return saved_counts[stack_name, threshold]
+    def figures_of(stack_name: str) -> Callable[[], tuple]:
+        def get() -> tuple:
+            if stack_name not in figures:
+                figures[stack_name] = stack_figures(cfg, stacks[stack_name], x, dy,
+                                                    "/" in stack_name, env["bandwidth"])
+            return figures[stack_name]
+        return get
 
     for stack_name, s in progress(plan, cfg.progress):
         base_stack = stack_name.split("/")[0]
@@ -211,26 +220,16 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: Non
         try:
             if stack is None:
                 raise Skip(f"stack {stack_name} was not built")
-            base = by_key.get((stack_name, _base_name(s, recipe)))
-            hideable = 0
-            if base is not None and base["status"] == "ok":
-                per_layer = saved_bytes(stack_name)["activation_bytes"] / cfg.layers
-                hideable = plan_hideable_layers(per_layer, env["bandwidth"]["d2h_Bps"], base["fwd_s"],
-                                                cfg.layers)
-            info = PlanInfo(num_layers=cfg.layers, cuda=cuda, hideable_layers=hideable,
-                            save_on_cpu_bytes=saved_bytes(stack_name)["all_bytes"]
-                            if s.family == "save_on_cpu" else 0,
-                            min_offload_bytes=min_offload_bytes(cfg),
-                            # bf16 figures: the recipe variant's layers save other bytes.
-                            costs=None if s.variant == "recipe" else
-                            stack_costs(cfg, base_stack, by_key, saved_bytes, env["bandwidth"]),
-                            peer_act_bytes=_peer_act_bytes(rows))
+            info = PlanInfo(num_layers=cfg.layers, cuda=cuda, model=stack.layers,
+                            figures=figures_of(stack_name), min_offload_bytes=min_offload_bytes(cfg),
+                            peer_peak_bytes=_peer_peak_bytes(rows))
             infos[(stack_name, s.name)] = info
             runner = s.make(info)
-            row["offloaded_layers"] = getattr(runner, "num_layers", None)
-            _plan_fields(row, runner)
-            _measure(row, runner, stack, x, dy, cfg, cuda, refs, s)
-            runner.close()
+            try:
+                _plan_fields(row, runner)
+                _measure(row, runner, stack, x, dy, cfg, cuda, refs, s)
+            finally:
+                runner.close()
         except Skip as e:
             row.update(status="skipped", note=str(e))
         except Exception as e:  # a failing strategy is a row, not the end of the run
@@ -315,6 +314,7 @@ def derive(rows: list, env: dict) -> None:
         pl = r.get("plan")
         r["step_over_predicted"] = r["step_s"] / pl["predicted_s"] if pl and pl["predicted_s"] > 0 else None
         r["act_minus_predicted_bytes"] = r["act_bytes"] - pl["predicted_bytes"] if pl else None
+        r["peak_minus_predicted_bytes"] = r["peak_step_bytes"] - pl["predicted_peak_bytes"] if pl else None
         r["d2h_GBps"] = r["d2h_bytes"] / r["fwd_s"] / 1e9 if r["fwd_s"] > 0 else None
         r["h2d_GBps"] = r["h2d_bytes"] / r["bwd_s"] / 1e9 if r["bwd_s"] > 0 else None
         base_name = {"fc1_recompute": "fc1_recompute", "quantized": None}.get(r["family"], "none")
@@ -353,16 +353,19 @@ def _traces(cfg, stacks, rows, plan, x, dy, cuda, infos) -> dict:
         strategy = next(s for name, s in plan if s.name == row["strategy"] and name == row["stack"])
         stack = stacks[row["stack"]]
         info = infos.get((row["stack"], row["strategy"])) or PlanInfo(
-            cfg.layers, cuda, hideable_layers=0, min_offload_bytes=min_offload_bytes(cfg))
+            cfg.layers, cuda, stack.layers, min_offload_bytes=min_offload_bytes(cfg))
         try:
             runner = strategy.make(info)
-            x.grad = None
-            for p in stack.parameters():
-                p.grad = None
-            runner.begin_step()
-            out[f"{row['stack']}:{row['strategy']}"] = trace_memory(
-                list(stack.layers), lambda: runner.forward(stack.layers, x), lambda y: y.backward(dy), cuda)
-            runner.close()
+            try:
+                x.grad = None
+                for p in stack.parameters():
+                    p.grad = None
+                runner.begin_step()
+                out[f"{row['stack']}:{row['strategy']}"] = trace_memory(
+                    list(stack.layers), lambda: runner.forward(stack.layers, x),
+                    lambda y: y.backward(dy), cuda)
+            finally:
+                runner.close()
         except Exception as e:  # the trace is a picture; never fail the run for it
             out[f"{row['stack']}:{row['strategy']}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     x.grad = None

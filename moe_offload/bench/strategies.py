@@ -1,22 +1,34 @@
-"""The strategies the benchmark compares, as data.
+"""The strategies as data: one :class:`Strategy` per benchmark row, and the runners.
 
-A :class:`Strategy` says which stack variant it runs on, who it belongs to (the
-baseline, a peer, or ours), which strategy its gradients must equal bitwise, and how to
-build a :class:`Runner` for a stack.  A runner does the forward of one step
-(``forward(layers, x) -> y``) and reports the bytes it moved each way in that step.
+A :class:`Runner` binds a strategy to a stack: it runs one step's forward
+(``forward(layers, x) -> y``; the backward is ``y.backward(dy)``), reports the bytes it
+moved each way in that step, and undoes what it installed at :meth:`Runner.close`.
 Adding a strategy is one :class:`Strategy` entry in :func:`strategy_list`.
 
-Planned rows (``offload_hideable``, ``fc1_recompute+offload``, ``plan@<peer>``,
-``plan@half-<peer>``) get a :class:`~moe_offload.plan.stack.Plan` from
-:mod:`~moe_offload.plan.stack` on per-layer figures measured by earlier rows
-(``PlanInfo.costs``) and run it with :class:`PlannedRunner`.  ``plan@<peer>``'s budget is
-the peer's measured activation memory (the smallest over the stacks it ran on, so one row
-serves the engine and the system comparison), ``plan@half-<peer>``'s half of it.  The
-quantized ``<recipe>+offload`` row still uses :func:`plan_hideable_layers` (bytes that fit
-under the forward at the measured bandwidth).
+The peers are torch's own: ``save_on_cpu`` around the forward, ``checkpoint`` per layer.
 
-Every offload runner marks the stack input not-offload: the caller holds it, so copying it
-would free nothing.
+Every row of ours is a :class:`~moe_offload.plan.MemoryPlan` of the general planner, run by
+:class:`PlanRunner` through ``plan.apply()`` (the recompute switches, and the offload
+engine entered around each layer's call by :class:`~moe_offload.OffloadedLayers`).  The
+plans are built on the stack's figures, measured once per stack by
+:func:`~moe_offload.plan.measure_model` (``PlanInfo.figures``):
+
+- fixed rows give the per-layer choices (:func:`~moe_offload.plan.make_plan`):
+  ``offload_but_last`` / ``offload_all`` / ``offload_partial`` offload everything the first
+  ``L-1`` / ``L`` / ``L/2`` layers save (``Choice("none", 3)``); ``offload_recompute_all``
+  checkpoints every layer and offloads its inputs (``Choice("layer", 3)``);
+- ``offload_hideable``, ``fc1_recompute+offload`` and ``<recipe>+offload`` are the least
+  step peak the planner predicts within 1.02x of its stack's step without a plan
+  (``plan_memory(budget_bytes=None, max_time_x=1.02)``); on the ``fused/fc1`` and recipe
+  stacks only offload is measured (``options=("none",)``), so those rows only offload;
+- ``plan@<peer>`` is the fastest plan whose predicted step **peak** (above the step start,
+  parameter gradients allocated: the planner's ``budget_bytes``) is at most the peer's
+  measured step peak (``peak_step_bytes``, the smallest over the stacks it ran on, so one
+  row serves the engine and the system comparison); ``plan@half-<peer>`` half of it;
+  ``plan@half-none`` half the largest no-plan peak.  Budgets are peaks, not the activation
+  memory after the forward: the peak is what decides whether a step fits.
+
+A leaf input that requires grad (the stack input) never travels: the caller holds it.
 """
 from __future__ import annotations
 
@@ -24,40 +36,37 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..plan.stack import LayerCosts, Plan, plan_for_budget, plan_hidden, prefetch_for
+from ..plan import Choice, make_plan, plan_memory
 
-__all__ = ["Strategy", "Runner", "PlanInfo", "PlannedRunner", "plan_hideable_layers",
-           "strategy_list", "strategy_names", "PEER_FAMILIES", "Skip"]
+__all__ = ["Strategy", "Runner", "PlanInfo", "PlanRunner", "plan_dict", "strategy_list",
+           "strategy_names", "PEER_FAMILIES", "Skip", "HIDDEN_TIME_X"]
 
 PEER_FAMILIES = ("save_on_cpu", "checkpoint")
 
-
-def plan_hideable_layers(bytes_per_layer: float, bandwidth_Bps: float, fwd_time_s: float,
-                         num_layers: int, margin: float = 0.9) -> int:
-    """Largest ``k <= num_layers`` with ``k * bytes_per_layer <= bw * fwd_time * margin``."""
-    if bytes_per_layer < 0 or bandwidth_Bps <= 0 or fwd_time_s < 0 or num_layers < 0:
-        raise ValueError("plan_hideable_layers needs non-negative sizes and a positive bandwidth")
-    if bytes_per_layer == 0:
-        return num_layers
-    return int(min(num_layers, (bandwidth_Bps * fwd_time_s * margin) // bytes_per_layer))
+#: The time limit of the "hidden" rows, relative to the stack's step without a plan.
+HIDDEN_TIME_X = 1.02
 
 
 @dataclass
 class PlanInfo:
-    """What a runner may need to know when it is built: the run's layer count and device,
-    the planner's hideable layer count for the stack, the bytes ``save_on_cpu`` moves,
-    and the engine's size threshold (small problems lower it so something moves).
-    ``costs``: the planner's per-layer figures of the stack (``None`` until the rows they
-    come from ran); ``peer_act_bytes``: ``{peer strategy: smallest measured act bytes}``."""
+    """What a runner may need when it is built: the stack's layer count, device and layer
+    list (``model``), the engine's size threshold (small problems lower it so something
+    moves), ``figures()``: the stack's planner figures (``measure_model``'s
+    ``(layers, ModelFigures)``, measured on first use), and ``peer_peak_bytes``:
+    ``{peer strategy: its smallest measured step peak}`` (``"none"``: the largest)."""
     num_layers: int
     cuda: bool
-    hideable_layers: int
-    save_on_cpu_bytes: int = 0
+    model: Optional[nn.Module] = None
+    figures: Optional[Callable[[], tuple]] = None
     min_offload_bytes: int = 256 * 1024
-    costs: Optional[LayerCosts] = None
-    peer_act_bytes: Optional[dict] = None
+    peer_peak_bytes: Optional[dict] = None
+
+
+class Skip(Exception):
+    """Raised by a ``make`` when the strategy does not apply to this run."""
 
 
 class Runner:
@@ -81,21 +90,31 @@ class Runner:
         return {}
 
     def close(self) -> None:
-        """Release what the runner holds (pinned buffers, contexts)."""
+        """Undo what the runner installed (hooks, wrappers, contexts)."""
 
 
 class SaveOnCpuRunner(Runner):
     """``torch.autograd.graph.save_on_cpu`` around the whole forward (pinned on CUDA).
 
-    It moves every saved tensor, parameters included; the byte count comes from a
-    counting pass (``PlanInfo.save_on_cpu_bytes``).  On the CPU it moves nothing."""
+    It moves every saved tensor, parameters included, counted as its pack hook sees them;
+    on the CPU it moves nothing (reported as 0)."""
 
     def __init__(self, info: PlanInfo):
-        self.cuda, self.nbytes = info.cuda, info.save_on_cpu_bytes
+        self.cuda, self.nbytes = info.cuda, 0
 
     def forward(self, layers, x):
-        with torch.autograd.graph.save_on_cpu(pin_memory=self.cuda):
+        hooks = torch.autograd.graph.save_on_cpu(pin_memory=self.cuda)
+        pack = hooks.pack_hook
+
+        def counting(t):
+            self.nbytes += t.numel() * t.element_size()
+            return pack(t)
+        hooks.pack_hook = counting
+        with hooks:
             return super().forward(layers, x)
+
+    def begin_step(self):
+        self.nbytes = 0
 
     def moved_bytes(self):
         return (self.nbytes, self.nbytes) if self.cuda else (0, 0)
@@ -110,101 +129,102 @@ class CheckpointRunner(Runner):
         return x
 
 
-class OffloadRunner(Runner):
-    """Our engine: ``with ctx: x = layer(x); x = sync(x)`` for each layer.
+class PlanRunner(Runner):
+    """Runs a :class:`~moe_offload.plan.MemoryPlan`: ``plan.apply()`` when built, the plain
+    layer loop per step, the engine's counters from the plan's handle, ``remove()`` at
+    :meth:`close` (the stack is as before)."""
 
-    The first ``num_layers`` layers offload (``model_layers = L``).  With ``recompute``
-    each layer runs as ``offloaded_checkpoint(layer, x)``: only its input is saved (and
-    offloaded), the layer is recomputed in backward.  ``prefetch_layers``: passed to the
-    engine (``None``: the planner's choice when ``info.costs`` is known, else the engine's
-    default).  The stack input is marked not-offload (the caller holds it)."""
-
-    def __init__(self, info: PlanInfo, num_layers: int, recompute: bool = False,
-                 prefetch_layers: Optional[int] = None):
-        from ..offload import get_cpu_offload_context, offloaded_checkpoint
-        self.num_layers = num_layers
-        self.checkpoint = offloaded_checkpoint if recompute else None
-        if prefetch_layers is None and info.costs is not None and num_layers > 0:
-            prefetch_layers = prefetch_for(info.costs, num_layers,
-                                           "checkpoint" if recompute else "activation", ())
-        self.prefetch_layers = 1 if prefetch_layers is None else prefetch_layers
-        self.ctx, self.sync = get_cpu_offload_context(
-            True, num_layers, info.num_layers, min_offload_bytes=info.min_offload_bytes,
-            retain_pinned_cpu_buffers=True, prefetch_layers=self.prefetch_layers,
-            emulate=not info.cuda)
-
-    def forward(self, layers, x):
-        from ..offload import mark_not_offload
-        mark_not_offload(x)
-        for layer in layers:
-            with self.ctx:
-                x = self.checkpoint(layer, x) if self.checkpoint else layer(x)
-            x = self.sync(x)
-        return x
+    def __init__(self, plan):
+        self.plan = plan
+        self.handle = plan.apply()
 
     def begin_step(self):
-        self.ctx.reset_stats()
+        self.handle.reset_stats()
 
     def moved_bytes(self):
-        s = self.ctx.stats()
+        s = self.handle.stats()
         return int(s.get("offloaded_bytes", 0)), int(s.get("reloaded_bytes", 0))
 
     def stats(self):
-        return {k: v for k, v in self.ctx.stats().items() if isinstance(v, (int, float, str, bool))}
+        return {k: v for k, v in self.handle.stats().items() if isinstance(v, (int, float, str, bool))}
 
     def close(self):
-        self.ctx = self.sync = None
+        self.handle.remove()
 
 
-class PlannedRunner(OffloadRunner):
-    """Runs a :class:`~moe_offload.plan.stack.Plan`: layer ``i`` in ``plan.mode_of(i)``.
+def plan_dict(plan) -> dict:
+    """A plan's row fields (JSON-able; see :mod:`moe_offload.bench.report_json`)."""
+    return {"choices": [str(c) for c in plan.choices], "prefetch_layers": plan.prefetch_layers,
+            "offloaded_layers": plan.prediction.engine_layers, "budget_bytes": plan.budget_bytes,
+            "predicted_s": plan.predicted_step_s, "predicted_fwd_s": plan.prediction.fwd_s,
+            "predicted_bytes": plan.predicted_activation_bytes,
+            "predicted_peak_bytes": plan.predicted_peak_bytes, "peak_moment": plan.peak_moment}
 
-    fc1 layers get ``GroupedMLP.recompute = "fc1"`` for their forward only (the attribute
-    is read at each forward; restored right after, so the stack is unchanged between
-    steps); the first ``k`` layers offload with ``prefetch_layers = p``; checkpoint mode
-    runs ``offloaded_checkpoint``.  ``k = 0`` builds no engine context."""
 
-    def __init__(self, info: PlanInfo, plan: Plan, budget_bytes: Optional[int] = None):
-        self.plan, self.budget_bytes = plan, budget_bytes
-        if plan.offloaded_layers > 0:
-            super().__init__(info, plan.offloaded_layers, plan.offload_mode == "checkpoint",
-                             prefetch_layers=plan.prefetch_layers)
-        else:
-            self.num_layers, self.checkpoint, self.ctx, self.sync = 0, None, None, None
+def _figures(info: PlanInfo) -> tuple:
+    if info.figures is None or info.model is None:
+        raise Skip("no planner figures for this stack")
+    return info.figures()
 
-    def forward(self, layers, x):
-        from ..offload import mark_not_offload, offloaded_checkpoint
-        mark_not_offload(x)
-        for i, layer in enumerate(layers):
-            mode = self.plan.mode_of(i)
-            mlp = getattr(layer, "mlp", None)
-            if mode == "fc1" and not hasattr(mlp, "recompute"):
-                raise TypeError(f"plan puts layer {i} in fc1 mode but {type(layer).__name__} "
-                                "has no GroupedMLP.recompute")
-            old = mlp.recompute if mode == "fc1" else None
-            try:
-                if mode == "fc1":
-                    mlp.recompute = "fc1"
-                if self.ctx is None:
-                    x = layer(x)
-                    continue
-                with self.ctx:
-                    x = offloaded_checkpoint(layer, x) if mode == "checkpoint" else layer(x)
-                x = self.sync(x)
-            finally:
-                if mode == "fc1":
-                    mlp.recompute = old
-        return x
 
-    def begin_step(self):
-        if self.ctx is not None:
-            self.ctx.reset_stats()
+def _fixed(choices: Callable[[int], list]) -> Callable[[PlanInfo], Runner]:
+    """A row that runs the given per-layer choices (``choices(L)``)."""
+    def make(info: PlanInfo) -> Runner:
+        return PlanRunner(make_plan(info.model, _figures(info), choices(info.num_layers),
+                                    min_offload_bytes=info.min_offload_bytes, emulate=not info.cuda))
+    return make
 
-    def moved_bytes(self):
-        return super().moved_bytes() if self.ctx is not None else (0, 0)
 
-    def stats(self):
-        return super().stats() if self.ctx is not None else {}
+def _but_last(L: int) -> list:
+    if L < 2:
+        raise Skip("needs >= 2 layers")
+    return [Choice("none", 3)] * (L - 1) + [Choice("none", 0)]
+
+
+def _first(k_of: Callable[[int], int], choice: Choice) -> Callable[[int], list]:
+    return lambda L: [choice] * k_of(L) + [Choice("none", 0)] * (L - k_of(L))
+
+
+def _hidden(info: PlanInfo) -> Runner:
+    """The least peak the planner predicts within :data:`HIDDEN_TIME_X` of no plan."""
+    plan = plan_memory(info.model, None, None, max_time_x=HIDDEN_TIME_X, figures=_figures(info),
+                       min_offload_bytes=info.min_offload_bytes, emulate=not info.cuda)
+    if all(c == Choice("none", 0) for c in plan.choices):
+        raise Skip(f"the planner finds no saving within {HIDDEN_TIME_X}x of no plan")
+    return PlanRunner(plan)
+
+
+def _budgeted(peer: str, fraction: float) -> Callable[[PlanInfo], Runner]:
+    """The fastest plan whose predicted step peak fits ``fraction`` of ``peer``'s measured one."""
+    def make(info: PlanInfo) -> Runner:
+        peak = (info.peer_peak_bytes or {}).get(peer)
+        if peak is None:
+            raise Skip(f"{peer} was not measured (its step peak is the budget)")
+        budget = int(peak * fraction)
+        figures = _figures(info)
+        try:
+            plan = plan_memory(info.model, None, budget, figures=figures,
+                               min_offload_bytes=info.min_offload_bytes, emulate=not info.cuda)
+        except ValueError as e:
+            raise Skip(f"no plan fits {budget / 2**20:.1f} MiB: {e}") from None
+        return PlanRunner(plan)
+    return make
+
+
+def _planned_rows() -> list:
+    rows = []
+    for peer in PEER_FAMILIES:
+        for tag, fraction in (("", 1.0), ("half-", 0.5)):
+            what = "the" if not tag else "half the"
+            rows.append(Strategy(
+                f"plan@{tag}{peer}", "planned", "ours", "", "none", _budgeted(peer, fraction),
+                description=f"planner's fastest plan within {what} step peak of {peer}",
+                needs=(peer,), after_peers=True))
+    rows.append(Strategy(
+        "plan@half-none", "planned", "ours", "", "none", _budgeted("none", 0.5),
+        description="planner's fastest plan within half the largest no-offload step peak "
+                    "(the system-level 'hideable' point)", after_peers=True))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -231,70 +251,9 @@ class Strategy:
     after_peers: bool = False
 
 
-def _partial(info: PlanInfo) -> Runner:
-    return OffloadRunner(info, max(1, info.num_layers // 2))
-
-
-def _hideable(info: PlanInfo) -> Runner:
-    if info.hideable_layers < 1:
-        raise Skip("the hideable budget admits 0 layers")
-    return OffloadRunner(info, info.hideable_layers)
-
-
-def _need_costs(info: PlanInfo) -> LayerCosts:
-    if info.costs is None:
-        raise Skip("no per-layer figures for the planner (its base rows did not run)")
-    return info.costs
-
-
-def _planned_hidden(info: PlanInfo, fc1_all: bool = False) -> Runner:
-    costs = _need_costs(info)
-    if fc1_all and not costs.has_fc1:
-        raise Skip("the stack has no fc1 mode")
-    plan = plan_hidden(costs, time_tol=1.02, fc1_all=fc1_all)
-    if plan.offloaded_layers < 1:
-        raise Skip("the planner hides no layer under the forward")
-    return PlannedRunner(info, plan)
-
-
-def _planned_budget(peer: str, fraction: float) -> Callable[[PlanInfo], Runner]:
-    def make(info: PlanInfo) -> Runner:
-        costs = _need_costs(info)
-        peer_bytes = (info.peer_act_bytes or {}).get(peer)
-        if peer_bytes is None:
-            raise Skip(f"{peer} was not measured (its act memory is the budget)")
-        budget = int(peer_bytes * fraction)
-        plan = plan_for_budget(costs, budget)
-        if plan is None:
-            raise Skip(f"no plan fits {budget / 2**20:.1f} MiB: the output alone is "
-                       f"{costs.output_bytes / 2**20:.1f} MiB")
-        return PlannedRunner(info, plan, budget)
-    return make
-
-
-def _planned_rows() -> list:
-    rows = []
-    for peer in PEER_FAMILIES:
-        for tag, fraction in (("", 1.0), ("half-", 0.5)):
-            what = "the" if not tag else "half the"
-            rows.append(Strategy(
-                f"plan@{tag}{peer}", "planned", "ours", "", "none", _planned_budget(peer, fraction),
-                description=f"planner's fastest plan within {what} act memory of {peer}",
-                needs=("none", "fc1_recompute", peer), after_peers=True))
-    rows.append(Strategy(
-        "plan@half-none", "planned", "ours", "", "none", _planned_budget("none", 0.5),
-        description="planner's fastest plan within half the largest no-offload act memory "
-                    "(the system-level 'hideable' point)",
-        needs=("none", "fc1_recompute"), after_peers=True))
-    return rows
-
-
-class Skip(Exception):
-    """Raised by a ``make`` when the strategy does not apply to this run."""
-
-
 def strategy_list(recipe: Optional[str]) -> list:
     """Every strategy, in run order (a variant's base runs before its combinations)."""
+    everything = Choice("none", 3)
     rows = [
         Strategy("none", "none", "baseline", "", None, lambda info: Runner(),
                  description="no saving trick"),
@@ -304,38 +263,32 @@ def strategy_list(recipe: Optional[str]) -> list:
                  description="torch checkpoint per layer"),
         Strategy("fc1_recompute", "fc1_recompute", "ours", "fc1", "none", lambda info: Runner(),
                  fused_only=True, description="GroupedMLP recompute='fc1'"),
-        Strategy("offload_but_last", "offload", "ours", "", "none",
-                 lambda info: OffloadRunner(info, info.num_layers - 1) if info.num_layers > 1
-                 else _raise(Skip("needs >= 2 layers")),
+        Strategy("offload_but_last", "offload", "ours", "", "none", _fixed(_but_last),
                  description="our engine, every layer but the last (L-1)"),
-        Strategy("offload_all", "offload", "ours", "", "none",
-                 lambda info: OffloadRunner(info, info.num_layers),
+        Strategy("offload_all", "offload", "ours", "", "none", _fixed(_first(lambda L: L, everything)),
                  description="our engine, all L layers"),
-        Strategy("offload_partial", "offload", "ours", "", "none", _partial,
+        Strategy("offload_partial", "offload", "ours", "", "none",
+                 _fixed(_first(lambda L: max(1, L // 2), everything)),
                  description="our engine, first L/2 layers"),
-        Strategy("offload_hideable", "planned", "ours", "", "none", _planned_hidden,
-                 description="least memory the planner predicts within 1.02x of none",
-                 needs=("none", "fc1_recompute")),
+        Strategy("offload_hideable", "planned", "ours", "", "none", _hidden,
+                 description=f"least peak the planner predicts within {HIDDEN_TIME_X}x of none"),
         Strategy("offload_recompute_all", "offload_recompute", "ours", "", "none",
-                 lambda info: OffloadRunner(info, info.num_layers, recompute=True),
-                 description="offloaded_checkpoint on every layer, all L offloaded"),
-        Strategy("fc1_recompute+offload", "fc1_recompute", "ours", "fc1", "fc1_recompute",
-                 lambda info: _planned_hidden(info, fc1_all=True), fused_only=True,
-                 description="recompute='fc1' everywhere + offload hidden under the forward",
-                 needs=("none", "fc1_recompute")),
+                 _fixed(_first(lambda L: L, Choice("layer", 3))),
+                 description="every layer checkpointed, its inputs offloaded"),
+        Strategy("fc1_recompute+offload", "fc1_recompute", "ours", "fc1", "fc1_recompute", _hidden,
+                 fused_only=True,
+                 description=f"recompute='fc1' everywhere + the least-peak offload within "
+                             f"{HIDDEN_TIME_X}x"),
     ] + _planned_rows()
     if recipe is not None:
         rows += [
             Strategy(recipe, "quantized", "ours", "recipe", None, lambda info: Runner(),
                      fused_only=True, description=f"recipe {recipe!r}"),
-            Strategy(f"{recipe}+offload", "quantized", "ours", "recipe", recipe, _hideable,
-                     fused_only=True, description=f"recipe {recipe!r} + offload of the hideable layers"),
+            Strategy(f"{recipe}+offload", "quantized", "ours", "recipe", recipe, _hidden,
+                     fused_only=True,
+                     description=f"recipe {recipe!r} + the least-peak offload within {HIDDEN_TIME_X}x"),
         ]
     return rows
-
-
-def _raise(exc: Exception):
-    raise exc
 
 
 def strategy_names(recipe: Optional[str]) -> list:
@@ -343,4 +296,3 @@ def strategy_names(recipe: Optional[str]) -> list:
     rows = strategy_list(recipe)
     names = [s.name for s in rows]
     return names + sorted({s.family for s in rows} - set(names))
-

@@ -74,33 +74,17 @@ def format_table(rows: list) -> str:
     return "\n".join(out)
 
 
-def _ranges(idx: list) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    parts, start = [], None
-    for i, v in enumerate(idx):
-        if start is None:
-            start = v
-        if i + 1 == len(idx) or idx[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts) or "none"
-
-
 def format_plan(r: dict) -> str:
-    """The indented plan line under a planned row: k, mode, fc1 layers, p, budget, and the
-    predicted against the measured step time and memory."""
+    """The indented plan line under a row of ours: the per-layer choices
+    (``recompute/o<level>``), prefetch, budget, and the predicted against the measured step
+    time and peak."""
     p = r["plan"]
     budget = "" if p.get("budget_bytes") is None else f", budget {p['budget_bytes'] / MiB:.1f} MiB"
-    if "choices" in p:     # a moe_offload.plan MemoryPlan (real-model rows)
-        return (f"{'':>16}plan: {' '.join(p['choices'])}, prefetch {p['prefetch_layers']}{budget}; "
-                f"predicted {p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, "
-                f"measured {r['step_s'] * 1e3:.2f} ms / {r['act_bytes'] / MiB:.1f} MiB "
-                f"(x{_f(r.get('step_over_predicted'), '.2f')} / "
-                f"x{r['act_bytes'] / max(p['predicted_bytes'], 1):.2f})")
-    return (f"{'':>16}plan: offload first {p['offloaded_layers']} ({p['offload_mode']}), fc1 layers "
-            f"{_ranges(p['fc1_layers'])}, prefetch {p['prefetch_layers']}{budget}; predicted "
-            f"{p['predicted_s'] * 1e3:.2f} ms / {p['predicted_bytes'] / MiB:.1f} MiB, measured "
-            f"{r['step_s'] * 1e3:.2f} ms / {r['act_bytes'] / MiB:.1f} MiB "
+    peak = r.get("peak_step_bytes")
+    measured_peak = "-" if peak is None else f"{peak / MiB:.1f}"
+    return (f"{'':>16}plan: {' '.join(p['choices'])}, prefetch {p['prefetch_layers']}{budget}; "
+            f"predicted {p['predicted_s'] * 1e3:.2f} ms / peak {p['predicted_peak_bytes'] / MiB:.1f} MiB, "
+            f"measured {r['step_s'] * 1e3:.2f} ms / peak {measured_peak} MiB "
             f"(x{_f(r.get('step_over_predicted'), '.2f')})")
 
 

@@ -40,13 +40,14 @@ holds the engine); ``state_dict`` is unaffected.
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .checkpoint import _Frame
 from .context import get_cpu_offload_context
+from .marks import mark_not_offload
 from .params import PARAM_STORAGES
 
 __all__ = ["offload_module_list", "OffloadedLayers", "first_grad_tensor", "in_checkpoint_forward"]
@@ -97,6 +98,14 @@ def in_checkpoint_forward() -> bool:
 
 
 # ------------------------------------------------------------------- the wrapped call
+def _keep_leaf_inputs(args, kwargs) -> None:
+    """A leaf input that requires grad is the caller's tensor: moving it frees nothing (the
+    caller holds it), so it never travels."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.grad_fn is None and a.requires_grad:
+            mark_not_offload(a)
+
+
 def _call(layer: nn.Module, original_call, args, kwargs):
     """One engine layer around ``original_call(layer, *args, **kwargs)``."""
     handle = layer.__dict__.get(_HANDLE_ATTR)
@@ -111,10 +120,22 @@ def _call(layer: nn.Module, original_call, args, kwargs):
             "gradient_checkpointing_enable(), or a forward that calls the checkpoint), or "
             "remove the layer offload and write `with ctx: h = offloaded_checkpoint(layer, "
             "h)` then `h = sync(h)` with (ctx, sync) = get_cpu_offload_context(...)")
+    if torch.is_grad_enabled():
+        _keep_leaf_inputs(args, kwargs)
     ctx = handle.context
+    inner = handle.inner.get(id(layer))
     ctx.__enter__()
     try:
-        output = original_call(layer, *args, **kwargs)
+        if inner is not None:
+            inner.__enter__()
+        try:
+            output = original_call(layer, *args, **kwargs)
+        except BaseException:
+            if inner is not None:
+                inner.__exit__(*sys.exc_info())
+            raise
+        if inner is not None:
+            inner.__exit__(None, None, None)
     except BaseException:
         ctx.__exit__(*sys.exc_info())
         raise
@@ -149,15 +170,21 @@ class OffloadedLayers:
     sync)`` (the pair from :func:`get_cpu_offload_context`), entered outside anything the
     module's own ``__call__`` does (hooks, its checkpointing): see the module docstring.
 
-    ``layers`` the offloaded modules, ``context``/``sync`` the engine's pair;
-    ``stats()``, ``reset_stats()``, ``remove()``.  The modules' parameters are registered
+    ``layers`` the offloaded modules, ``context``/``sync`` the engine's pair; ``inner``
+    (optional, one per layer, ``None`` for none): a context manager entered inside the
+    engine's for each call of that layer (the planner's opt-out of a layer that keeps what
+    it saves); ``stats()``, ``reset_stats()``, ``remove()``.  A leaf input that requires
+    grad never travels (the caller holds it).  The modules' parameters are registered
     so that they never move (``params.py``).  Raises ``RuntimeError`` when a module is
     already offloaded, and, at call time, when a module is called inside a checkpoint
     that began outside it.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], context, sync) -> None:
+    def __init__(self, layers: Sequence[nn.Module], context, sync,
+                 inner: Optional[Sequence[Any]] = None) -> None:
         modules = list(layers)
+        if inner is not None and len(inner) != len(modules):
+            raise ValueError(f"inner: need one entry per layer ({len(modules)}), got {len(inner)}")
         for m in modules:
             if not isinstance(m, nn.Module):
                 raise TypeError(f"OffloadedLayers expects modules, got {type(m).__name__}")
@@ -167,6 +194,7 @@ class OffloadedLayers:
         self.layers = modules
         self.context = context
         self.sync = sync
+        self.inner = {id(m): c for m, c in zip(modules, inner or ()) if c is not None}
         self._classes: dict = {}       # id(layer) -> its original class
         for m in modules:
             PARAM_STORAGES.add_module(m)       # their storages never move (params.py)

@@ -8,17 +8,17 @@ recompute so that activation memory fits a budget at the least step time.
   :class:`MemoryPlan` (``apply()``, ``describe()``, predictions);
 - ``modules.py``: finding the layers, module kinds, the recompute wrappers;
 - ``measure.py``: saved bytes per layer/kind, times, bandwidth;
-- ``solve.py``: the cost model and the search (pure Python);
-- ``stack.py``: the planner of the synthetic benchmark stacks (uniform expert layers).
+- ``solve.py``: the cost model and the search (pure Python).
 """
 from .fit import FitHandle, StepBudget, fit, step_budget
 from .memory_plan import (MemoryPlan, PlanHandle, calibrate_offload, calibrate_recompute,
                           make_plan, measure_model, plan_memory)
-from .modules import KINDS, RECOMPUTE_OPTIONS, find_layers, use_our_experts
+from .modules import (KINDS, RECOMPUTE_OPTIONS, find_layers, register_head,
+                      register_recompute_switch)
 from .solve import HEAD_OPTIONS, OFFLOAD_LEVELS, Choice, HeadFigures, ModelFigures, Prediction
 
 __all__ = ["fit", "step_budget", "StepBudget", "FitHandle", "HEAD_OPTIONS", "HeadFigures",
            "plan_memory", "MemoryPlan", "PlanHandle", "measure_model", "make_plan",
            "calibrate_offload", "calibrate_recompute", "KINDS",
-           "RECOMPUTE_OPTIONS", "OFFLOAD_LEVELS", "find_layers", "use_our_experts", "Choice",
+           "RECOMPUTE_OPTIONS", "OFFLOAD_LEVELS", "find_layers", "register_head", "register_recompute_switch", "Choice",
            "ModelFigures", "Prediction"]

@@ -22,12 +22,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..offload import (OptOutContext, first_grad_tensor, get_cpu_offload_context, mark_not_offload,
-                       release_lag)
+from ..offload import OffloadedLayers, OptOutContext, get_cpu_offload_context, release_lag
 from .measure import (activation_bytes_after_forward, count_saved, counted_memory, pinned_bandwidth,
                       preserved_state, time_step)
-from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, has_chunked_head, has_loss_function,
-                      install_head, install_recompute, layer_modules, options_for)
+from .modules import (RECOMPUTE_OPTIONS, Wrappers, find_layers, heads_for, install_head,
+                      install_recompute, layer_modules, options_for)
 from .solve import (OFFLOAD_LEVELS, Choice, applied, HeadFigures, LayerFigures, ModelFigures, Prediction,
                     pooled_extras, predict, refine, search, split_extra)
 
@@ -39,12 +38,6 @@ GiB = float(1 << 30)
 MiB = float(1 << 20)
 
 
-def _leaf_inputs(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor) and a.grad_fn is None and a.requires_grad:
-            yield a
-
-
 class PlanHandle:
     """An applied :class:`MemoryPlan`: ``stats()`` (the engine's counters plus the plan's
     predictions), ``reset_stats()``, ``remove()`` (the model is as before)."""
@@ -54,6 +47,7 @@ class PlanHandle:
         self.context = None
         self._wrappers = Wrappers()
         self._hooks = []
+        self._layers = None          # offload.OffloadedLayers, when the plan offloads
 
     def stats(self) -> dict:
         """Engine counters (``offloaded_bytes``, ``reloaded_bytes``, ...; zeros without
@@ -74,6 +68,9 @@ class PlanHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._layers is not None:
+            self._layers.remove()
+            self._layers = None
         self._wrappers.remove()
         self.context = None
 
@@ -156,31 +153,14 @@ class MemoryPlan:
             retain_pinned_cpu_buffers=True, prefetch_layers=self.prefetch_layers,
             emulate=self.emulate)
         handle.context = ctx
+        # Each layer call is one engine layer (offload.OffloadedLayers: entered outside the
+        # layer's hooks and its own checkpointing); an offloaded-range layer whose level
+        # is 0 runs inside an opt-out, and in the others the module kinds the level does
+        # not offload run inside one (a hook pair per such module).
+        inner = [OptOutContext() if i < k and c.offload == 0 else None
+                 for i, c in enumerate(self.choices)]
+        handle._layers = OffloadedLayers(self.layers, ctx, sync, inner=inner)
         for i, (layer, c) in enumerate(zip(self.layers, self.choices)):
-            opt_out = OptOutContext() if i < k and c.offload == 0 else None
-
-            def pre(module, args, kwargs, opt_out=opt_out):
-                for t in _leaf_inputs(args, kwargs):
-                    mark_not_offload(t)        # the caller holds it: moving frees nothing
-                ctx.__enter__()
-                if opt_out is not None:
-                    opt_out.__enter__()
-
-            def post(module, args, kwargs, output, opt_out=opt_out):
-                import sys
-                exc = sys.exc_info() if output is None else (None, None, None)
-                try:
-                    if opt_out is not None:
-                        opt_out.__exit__(*exc)
-                finally:
-                    ctx.__exit__(*exc)
-                if exc[0] is None and torch.is_grad_enabled():
-                    x = first_grad_tensor(output)
-                    if x is not None:
-                        sync(x)
-
-            handle._hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-            handle._hooks.append(layer.register_forward_hook(post, with_kwargs=True, always_call=True))
             if i >= k or c.offload in (0, 3) or c.recompute == "layer":
                 continue
             kinds = OFFLOAD_LEVELS[c.offload]
@@ -354,18 +334,10 @@ def _measure_model(model, step_fn, layers, min_offload_bytes, options, iters, wa
 
 
 def _heads_to_measure(model: nn.Module, options: Optional[Sequence[str]]) -> List[str]:
-    """The head options that apply to ``model`` and are asked for (``options`` names them
-    ``"loss"`` (the checkpoint) and ``"chunked"``; ``None``: all that apply)."""
-    out = []
-    if has_loss_function(model) and (options is None or "loss" in options):
-        out.append("checkpoint")
-    if has_chunked_head(model) and (options is None or "chunked" in options):
-        try:
-            from ..integrations.transformers import use_chunked_loss  # noqa: F401
-            out.append("chunked")
-        except ImportError:          # transformers or the loss module missing
-            pass
-    return out
+    """The head options that apply to ``model`` and are asked for (``options`` names them:
+    ``"loss"`` is the checkpoint; ``None``: all that apply)."""
+    return [h for h in heads_for(model)
+            if options is None or (("loss" if h == "checkpoint" else h) in options)]
 
 
 def _head_figures(mem, extra_s: float, saved_bytes: int, chunked: bool = False) -> HeadFigures:

@@ -35,39 +35,39 @@ from torch.utils.checkpoint import checkpoint
 from ..offload import find_layers
 
 __all__ = ["KINDS", "RECOMPUTE_OPTIONS", "find_layers", "classify", "layer_modules",
-           "options_for", "install_recompute", "Wrappers", "use_our_experts", "has_loss_function",
-           "install_loss_checkpoint", "install_head", "has_chunked_head"]
+           "options_for", "install_recompute", "Wrappers", "has_loss_function",
+           "install_loss_checkpoint", "install_head", "has_hf_head", "heads_for", "register_head",
+           "register_recompute_switch", "RECOMPUTE_SWITCHES", "HEAD_INSTALLERS"]
 
 KINDS = ("attention", "norm", "router", "experts", "mlp", "other")
 RECOMPUTE_OPTIONS = ("none", "norms", "norms+fc1", "norms+experts", "norms+mlp", "layer")
 
 
-def use_our_experts(model: nn.Module) -> bool:
-    """Run an HF ``model``'s experts on our fused grouped MLP (the transformers integration's
-    :func:`~moe_offload.integrations.transformers.use_moe_offload_experts`); True when it
-    switched, False when transformers is missing or the model has no supported experts."""
-    try:
-        from ..integrations.transformers import use_moe_offload_experts
-    except ImportError:
-        return False
-    try:
-        use_moe_offload_experts(model)
-    except ValueError:
-        return False
-    return True
+#: Recognisers of a recompute switch on a module other than ours: ``fn(module) -> the
+#: attribute name of its switch ("activation"/"fc1"), or None``.  ``GroupedMLP.recompute`` is
+#: built in; the transformers integration registers HF experts modules that run our
+#: implementation (at its import: the planner itself never imports an integration).
+RECOMPUTE_SWITCHES: List[Callable[[nn.Module], Optional[str]]] = []
+
+
+def register_recompute_switch(fn: Callable[[nn.Module], Optional[str]]) -> None:
+    """Let the planner drive another module's recompute switch (see
+    :data:`RECOMPUTE_SWITCHES`)."""
+    if fn not in RECOMPUTE_SWITCHES:
+        RECOMPUTE_SWITCHES.append(fn)
 
 
 def _recompute_attr(m: nn.Module) -> Optional[str]:
     """The attribute holding ``m``'s recompute switch (``"activation"``/``"fc1"``): ours
-    (``GroupedMLP.recompute``) or an HF experts module running our implementation."""
+    (``GroupedMLP.recompute``) or one a registered recogniser names."""
     from ..ops.grouped_mlp import GroupedMLP
     if isinstance(m, GroupedMLP):
         return "recompute"
-    try:
-        from ..integrations.transformers import RECOMPUTE_ATTR, runs_moe_offload
-    except ImportError:
-        return None
-    return RECOMPUTE_ATTR if runs_moe_offload(m) else None
+    for fn in RECOMPUTE_SWITCHES:
+        attr = fn(m)
+        if attr is not None:
+            return attr
+    return None
 
 
 def _has_recompute_switch(m: nn.Module) -> bool:
@@ -419,23 +419,40 @@ def install_loss_checkpoint(model: nn.Module, wrappers: Wrappers) -> None:
     wrappers.replace_loss(model, head, head.remove)
 
 
+#: Head options beyond ``"none"`` and ``"checkpoint"``: ``name -> (applies(model) -> bool,
+#: install(model) -> undo callable)``.  The transformers integration registers ``"chunked"``
+#: (the loss in token chunks from the final hidden states) at its import.
+HEAD_INSTALLERS: Dict[str, tuple] = {}
+
+
+def register_head(name: str, applies: Callable[[nn.Module], bool],
+                  install: Callable[[nn.Module], Callable[[], None]]) -> None:
+    """Offer head option ``name`` to the planner (see :data:`HEAD_INSTALLERS`)."""
+    if name in ("none", "checkpoint"):
+        raise ValueError(f"head option {name!r} is built in")
+    HEAD_INSTALLERS[name] = (applies, install)
+
+
+def heads_for(model: nn.Module) -> List[str]:
+    """The head options beyond ``"none"`` that apply to ``model``."""
+    out = ["checkpoint"] if has_loss_function(model) else []
+    return out + [name for name, (applies, _) in HEAD_INSTALLERS.items() if applies(model)]
+
+
 def install_head(model: nn.Module, head: str, wrappers: Wrappers) -> None:
-    """Install head option ``head`` (:data:`~moe_offload.plan.solve.HEAD_OPTIONS`):
-    ``"checkpoint"`` is :func:`install_loss_checkpoint`; ``"chunked"`` computes a Hugging
-    Face causal LM's loss in token chunks from the final hidden states
-    (:func:`moe_offload.integrations.transformers.use_chunked_loss`)."""
+    """Install head option ``head``: ``"checkpoint"`` is :func:`install_loss_checkpoint`;
+    the others come from :data:`HEAD_INSTALLERS`."""
     if head == "none":
         return
     if head == "checkpoint":
         install_loss_checkpoint(model, wrappers)
         return
-    if head == "chunked":
-        from ..integrations.transformers import use_chunked_loss
-        wrappers.on_remove(use_chunked_loss(model).remove)
-        return
-    raise ValueError(f"unknown head option {head!r}")
+    if head not in HEAD_INSTALLERS:
+        raise ValueError(f"unknown head option {head!r} (registered: {sorted(HEAD_INSTALLERS)})")
+    wrappers.on_remove(HEAD_INSTALLERS[head][1](model))
 
 
-def has_chunked_head(model: nn.Module) -> bool:
-    """True for a Hugging Face causal LM whose loss :func:`install_head` can chunk."""
+def has_hf_head(model: nn.Module) -> bool:
+    """True for a Hugging Face causal LM with a settable ``loss_function``, a final norm and
+    a linear LM head (what the head options act on)."""
     return has_loss_function(model) and _head_modules(model) is not None

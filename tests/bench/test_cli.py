@@ -122,7 +122,8 @@ def test_both_stacks_system_vs_system(tmp_path, capsys):
 
 def test_quantized_rows_bitwise_under_offload(tmp_path):
     path = tmp_path / "q.json"
-    main(["bench", "--device", "cpu", "-L", "2", "--iters", "1", "--warmup", "0", "--recipe", "fp8",
+    # 4 layers: with 2 the step peak (what the planner minimizes) cannot drop by offloading.
+    main(["bench", "--device", "cpu", "-L", "4", "--iters", "1", "--warmup", "0", "--recipe", "fp8",
           "--strategies", "fp8,fp8+offload", "--json", str(path), "--no-progress"])
     rows = {r["strategy"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"none", "fp8", "fp8+offload"}
@@ -186,28 +187,34 @@ def test_tiny_run_planned_rows(tiny_run):
     _, out, json_path, _ = tiny_run
     report = json.loads(json_path.read_text())
     rows = {r["strategy"]: r for r in report["rows"] if r["stack"].startswith("fused")}
-    peer_act = {p: rows[p]["act_bytes"] for p in ("checkpoint", "save_on_cpu")}
+    peer_peak = {p: rows[p]["peak_step_bytes"] for p in ("checkpoint", "save_on_cpu")}
     for name in ("offload_hideable", "fc1_recompute+offload", "plan@checkpoint",
-                 "plan@half-checkpoint", "plan@save_on_cpu"):
+                 "plan@save_on_cpu", "offload_all"):
         r = rows[name]
         assert r["status"] == "ok", (name, r["note"])
         assert r["bitwise_equal"] is True, name
         plan = r["plan"]
-        assert set(plan) >= {"offloaded_layers", "offload_mode", "fc1_layers", "prefetch_layers",
-                             "predicted_s", "predicted_bytes", "budget_bytes"}
+        assert set(plan) >= {"choices", "offloaded_layers", "prefetch_layers", "predicted_s",
+                             "predicted_bytes", "predicted_peak_bytes", "budget_bytes"}
+        assert len(plan["choices"]) == 4
         assert r["step_over_predicted"] == pytest.approx(r["step_s"] / plan["predicted_s"])
+        assert r["peak_minus_predicted_bytes"] == r["peak_step_bytes"] - plan["predicted_peak_bytes"]
         assert r["offloaded_layers"] == plan["offloaded_layers"]
         assert (r["d2h_bytes"] > 0) == (plan["offloaded_layers"] > 0)
-        assert f"plan: offload first {plan['offloaded_layers']} ({plan['offload_mode']})" in out
-    for peer, act in peer_act.items():
-        assert rows[f"plan@{peer}"]["plan"]["budget_bytes"] == act
+        assert f"plan: {' '.join(plan['choices'])}, prefetch {plan['prefetch_layers']}" in out
+    assert rows["offload_all"]["plan"]["choices"] == ["none/o3"] * 4
+    for peer, peak in peer_peak.items():
+        assert rows[f"plan@{peer}"]["plan"]["budget_bytes"] == peak
+        assert rows[f"plan@{peer}"]["plan"]["predicted_peak_bytes"] <= peak
         half = rows[f"plan@half-{peer}"]
         if half["status"] == "ok":
-            assert half["plan"]["budget_bytes"] == act // 2
-            assert half["plan"]["predicted_bytes"] <= act // 2
+            assert half["plan"]["budget_bytes"] == peak // 2
+            assert half["plan"]["predicted_peak_bytes"] <= peak // 2
         else:  # no plan fits: the row says why
             assert half["status"] == "skipped" and "no plan fits" in half["note"]
-    assert rows["fc1_recompute+offload"]["plan"]["fc1_layers"] == list(range(4))
+    # On fused/fc1 only offload is planned (every layer already recomputes fc1).
+    fc1 = rows["fc1_recompute+offload"]["plan"]
+    assert all(c.startswith("none/") for c in fc1["choices"]) and fc1["offloaded_layers"] >= 1
     # Every planned row takes part in the checks (it is "ours" with bitwise grads).
     dom = report["checks"]["engine_vs_engine"]["dominance"]
     named = {c for d in dom for c in d["a_configs"] + d["b_configs"]}
@@ -226,7 +233,7 @@ def test_planned_budgets_come_from_both_stacks(tmp_path):
     report = json.loads(path.read_text())
     rows = report["rows"]
     assert [r["strategy"] for r in rows[-2:]] == ["plan@checkpoint", "plan@half-checkpoint"]
-    ckpt = min(r["act_bytes"] for r in rows if r["strategy"] == "checkpoint")
+    ckpt = min(r["peak_step_bytes"] for r in rows if r["strategy"] == "checkpoint")
     by = {r["strategy"]: r for r in rows}
     assert by["plan@checkpoint"]["plan"]["budget_bytes"] == ckpt
     assert by["plan@checkpoint"]["bitwise_equal"] is True

@@ -4,10 +4,10 @@ import torch
 
 from moe_offload.bench import run as bench_run
 from moe_offload.bench.config import BenchConfig
-from moe_offload.bench.measure import (MemoryMeasurementError, capture_grads, count_saved_bytes,
-                                       grads_bitwise_equal, measure_memory, time_steps)
+from moe_offload.bench.measure import (MemoryMeasurementError, capture_grads, grads_bitwise_equal,
+                                       loss_with_grad, measure_memory, time_steps)
 from moe_offload.bench.models import make_split_sizes
-from moe_offload.bench.strategies import Runner, Strategy, plan_hideable_layers, strategy_list
+from moe_offload.bench.strategies import Runner, Strategy, strategy_list
 
 
 def test_grads_bitwise_equal_detects_one_ulp():
@@ -30,23 +30,20 @@ def test_capture_grads_copies():
     assert not torch.equal(got[0], x.grad) and torch.equal(got[1], w.grad)
 
 
-def test_plan_hideable_layers():
-    # 55 GB/s * 13.6 ms * 0.9 = 673 MB -> 2 layers of 256 MiB.
-    assert plan_hideable_layers(256 * 2**20, 55e9, 13.6e-3, 8) == 2
-    assert plan_hideable_layers(1.0, 1e12, 1.0, 8) == 8          # capped at L
-    assert plan_hideable_layers(1e9, 1e9, 0.5, 8) == 0
-    assert plan_hideable_layers(0, 1e9, 0.0, 3) == 3
-    with pytest.raises(ValueError):
-        plan_hideable_layers(1, 0, 1, 1)
-
-
-def test_count_saved_bytes_separates_parameters():
-    w = torch.nn.Parameter(torch.randn(8, 8))
-    x = torch.randn(4, 8, requires_grad=True)
-    c = count_saved_bytes(lambda: torch.tanh(x @ w))
-    # matmul saves x and w (4*8 + 8*8 floats), tanh saves its output (4*8).
-    assert c["all_bytes"] == (32 + 64 + 32) * 4
-    assert c["activation_bytes"] == (32 + 32) * 4
+def test_loss_with_grad_is_backward_with_dy():
+    x = torch.randn(8, 4, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    dy = torch.randn(8, 4)
+    torch.tanh(x @ w).backward(dy)
+    ref = capture_grads(x, [w])
+    x.grad = w.grad = None
+    loss = loss_with_grad(torch.tanh(x @ w), dy)
+    assert loss.shape == () and loss.requires_grad
+    loss.backward()
+    assert grads_bitwise_equal(capture_grads(x, [w]), ref)
+    x.grad = w.grad = None
+    loss_with_grad(torch.tanh(x @ w), dy * 2).backward()       # the seed really is dy
+    assert not grads_bitwise_equal(capture_grads(x, [w]), ref)
 
 
 def test_time_and_memory_on_cpu():
@@ -214,22 +211,22 @@ def test_memory_retained_from_the_previous_step_is_an_error_row(monkeypatch):
     assert "MemoryMeasurementError" in rows["retains"]["note"]
 
 
-def test_count_saved_bytes_threshold():
-    x = torch.randn(4, 8, requires_grad=True)
-    w = torch.nn.Parameter(torch.randn(8, 8))
-    c = count_saved_bytes(lambda: torch.tanh(x @ w)[:1] * x[:1, :1], min_bytes=64)
-    assert c["activation_bytes"] > c["large_activation_bytes"] == (32 + 32) * 4
-
-
-def test_planned_runner_restores_modes_and_keeps_grads_bitwise():
+def test_plan_runner_restores_the_stack_and_keeps_grads_bitwise():
+    """Rows of ours are plans of the general planner applied to the stack: mixed fc1
+    recompute, offload levels and checkpointed layers keep every gradient bitwise, move
+    bytes exactly when a layer offloads, and leave the stack as it was."""
     from moe_offload.bench.models import build_stacks, make_inputs
-    from moe_offload.plan.stack import Plan
-    from moe_offload.bench.strategies import PlanInfo, PlannedRunner
+    from moe_offload.bench.run import stack_figures
+    from moe_offload.bench.strategies import PlanRunner
+    from moe_offload.plan import Choice, make_plan
     cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=4, dtype="fp32", device="cpu",
-                      stack="fused", recipe="none")
+                      stack="fused", recipe="none", iters=1, warmup=0)
     stack = build_stacks(cfg, None)["fused"]
     x, dy = make_inputs(cfg)
     params = stack.parameters()
+    figs = stack_figures(cfg, stack, x, dy, False, {"d2h_Bps": 1e9, "h2d_Bps": 1e9})
+    assert x.grad is None and all(p.grad is None for p in params)
+    assert figs[1].layers[0].options == ["none", "norms+fc1", "layer"]
 
     def grads(runner):
         x.grad = None
@@ -240,23 +237,25 @@ def test_planned_runner_restores_modes_and_keeps_grads_bitwise():
         return capture_grads(x, params)
 
     ref = grads(Runner())
-    info = PlanInfo(num_layers=4, cuda=False, hideable_layers=0, min_offload_bytes=1024)
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda m, i: seen.append(m.mlp.recompute))
              for layer in stack.layers]
-    for plan in (Plan(2, "fc1", (0, 1, 3), 2, 0.0, 0.0, 0),
-                 Plan(0, "activation", (1, 2), 0, 0.0, 0.0, 0),
-                 Plan(4, "checkpoint", (), 3, 0.0, 0.0, 0)):
+    fc1, keep = Choice("norms+fc1", 3), Choice("none", 0)
+    for choices in ([fc1, fc1, keep, Choice("norms+fc1", 0)], [keep, Choice("norms+fc1", 0), keep, keep],
+                    [Choice("layer", 3)] * 4):
         seen.clear()
-        runner = PlannedRunner(info, plan)
-        assert grads_bitwise_equal(grads(runner), ref), plan
+        plan = make_plan(stack.layers, figs, choices, min_offload_bytes=1024)
+        runner = PlanRunner(plan)
+        try:
+            assert grads_bitwise_equal(grads(runner), ref), choices
+            if choices[0].recompute != "layer":
+                assert seen == ["fc1" if c.recompute == "norms+fc1" else "activation" for c in choices]
+            d2h, h2d = runner.moved_bytes()
+            assert (d2h > 0) == (plan.prediction.engine_layers > 0) and d2h == h2d
+        finally:
+            runner.close()
         assert all(layer.mlp.recompute == "activation" for layer in stack.layers)
-        if plan.offload_mode != "checkpoint":
-            assert seen == ["fc1" if i in plan.fc1_layers else "activation" for i in range(4)]
-        d2h, h2d = runner.moved_bytes()
-        assert (d2h > 0) == (plan.offloaded_layers > 0) and d2h == h2d
-        if plan.offloaded_layers:
-            assert runner.ctx is not None and runner.prefetch_layers == plan.prefetch_layers
+        assert all("forward" not in layer.__dict__ for layer in stack.layers)
     for h in hooks:
         h.remove()
 
@@ -266,7 +265,7 @@ def test_planned_rows_run_after_every_peer():
                       stack="both", recipe="none", strategies=["plan@half-checkpoint"])
     plan = [(stack, s.name) for stack, s in bench_run.plan_runs(cfg)]
     assert plan[-1] == ("fused", "plan@half-checkpoint")
-    # needs: none, fc1_recompute and the peer itself run too, on both stacks for the peer.
-    assert {("fused", "none"), ("fused/fc1", "fc1_recompute"), ("fused", "checkpoint"),
-            ("unfused", "checkpoint"), ("unfused", "none")} <= set(plan)
+    # needs: none and the peer itself run too, on both stacks for the peer.
+    assert {("fused", "none"), ("fused", "checkpoint"), ("unfused", "checkpoint"),
+            ("unfused", "none")} <= set(plan)
     assert ("fused", "offload_but_last") not in plan

@@ -24,7 +24,9 @@ def test_offload_module_list():
     _, got, _ = run_stack(list(layers), x)
     assert_bitwise(ref, got)
     s = handle.stats()
-    assert s["offloaded_tensors"] == 2 * 3 and s["inline_reloads"] == 0
+    # 2 saves in each of the 3 offloaded layers, less the stack input: a leaf the caller
+    # holds (moving it would free nothing) stays
+    assert s["offloaded_tensors"] == 2 * 3 - 1 and s["inline_reloads"] == 0
     assert handle.context.model_layers == 4
     # An exception inside a module leaves no hooks installed.
     bad = nn.ModuleList([Block(), nn.Linear(3, 3)])
@@ -35,7 +37,7 @@ def test_offload_module_list():
     handle.remove()
     handle2.remove()
     run_stack(list(layers), x)
-    assert handle.stats()["offloaded_tensors"] == 6
+    assert handle.stats()["offloaded_tensors"] == 5
     with pytest.raises(ValueError):
         offload_module_list(nn.ModuleList())
 

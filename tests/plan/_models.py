@@ -9,6 +9,8 @@ from moe_offload.ops.moe import MoE
 def tiny_qwen3(layers: int = 3, tokens: int = 32):
     """``(model, step_fn)``: Qwen3-MoE with the router aux loss in the loss."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    import moe_offload.integrations.transformers  # noqa: F401  (offers the chunked head to the planner)
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

@@ -17,12 +17,19 @@ training batch; ``with plan_on_first_batch(model, optimizer): ...`` does it in a
 from .experts import (IMPLEMENTATION, RECIPES, RECOMPUTE_ATTR, runs_moe_offload, ExpertsSpec, inspect_experts,
                       moe_offload_experts_forward, register, set_recipe,
                       use_moe_offload_experts)
-from .loss import ChunkedLossHandle, use_chunked_loss
+from .loss import ChunkedLossHandle, chunked_loss_problem, use_chunked_loss
 from .offload import OffloadHandle, find_decoder_layers, offload
+from ...plan import register_head, register_recompute_switch
+
+# The planner knows no integration; this one tells it what it adds: the recompute switch of HF
+# experts running our implementation, and the chunked loss as a head option.
+register_recompute_switch(lambda m: RECOMPUTE_ATTR if runs_moe_offload(m) else None)
+register_head("chunked", lambda model: chunked_loss_problem(model) is None,
+              lambda model: use_chunked_loss(model).remove)
 
 __all__ = ["IMPLEMENTATION", "RECIPES", "RECOMPUTE_ATTR", "runs_moe_offload", "ExpertsSpec", "inspect_experts",
            "moe_offload_experts_forward", "register", "set_recipe", "use_moe_offload_experts",
-           "offload", "OffloadHandle", "find_decoder_layers", "use_chunked_loss", "ChunkedLossHandle",
+           "offload", "OffloadHandle", "find_decoder_layers", "use_chunked_loss", "ChunkedLossHandle", "chunked_loss_problem",
            "MoEOffloadCallback", "FirstBatchPlanner", "plan_on_first_batch"]
 
 _TRAINER_NAMES = ("MoEOffloadCallback", "FirstBatchPlanner", "plan_on_first_batch")

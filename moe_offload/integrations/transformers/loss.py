@@ -132,6 +132,28 @@ class ChunkedLossHandle:
         self._reset()
 
 
+def chunked_loss_problem(model: nn.Module) -> Optional[str]:
+    """Why :func:`use_chunked_loss` cannot act on ``model`` (``None``: it can)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return ("use_chunked_loss needs model.lm_head to be an nn.Linear with nn.Linear's forward "
+                f"(a quantized or otherwise custom head is not supported), got {type(head).__name__}")
+    if isinstance(getattr(head.__dict__.get("forward"), "__self__", None), ChunkedLossHandle):
+        return "use_chunked_loss is already active on this model; remove() its handle first"
+    if "forward" in head.__dict__:
+        return "model.lm_head.forward is already overridden on the instance; refusing to wrap it"
+    prop = getattr(type(model), "loss_function", None)
+    if not isinstance(prop, property) or prop.fset is None:
+        return (f"{type(model).__name__} has no settable loss_function property (a transformers "
+                "PreTrainedModel is needed)")
+    if "labels" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward has no 'labels' argument"
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
+        return ("the model soft-caps its logits (config.final_logit_softcapping); "
+                "the chunked loss does not support it")
+    return None
+
+
 def use_chunked_loss(model: nn.Module, chunk_tokens: Optional[int] = None) -> ChunkedLossHandle:
     """Compute an HF causal LM's training loss with the chunked LM head + cross-entropy.
 
@@ -151,24 +173,10 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: Optional[int] = None) -> Ch
     Returns:
         A :class:`ChunkedLossHandle`; ``handle.remove()`` restores the model.
     """
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        raise ValueError("use_chunked_loss needs model.lm_head to be an nn.Linear with nn.Linear's forward "
-                         f"(a quantized or otherwise custom head is not supported), got {type(head).__name__}")
-    if isinstance(getattr(head.__dict__.get("forward"), "__self__", None), ChunkedLossHandle):
-        raise ValueError("use_chunked_loss is already active on this model; remove() its handle first")
-    if "forward" in head.__dict__:
-        raise ValueError("model.lm_head.forward is already overridden on the instance; refusing to wrap it")
-    prop = getattr(type(model), "loss_function", None)
-    if not isinstance(prop, property) or prop.fset is None:
-        raise ValueError(f"{type(model).__name__} has no settable loss_function property (a transformers "
-                         "PreTrainedModel is needed)")
+    problem = chunked_loss_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
     params = list(inspect.signature(model.forward).parameters)
-    if "labels" not in params:
-        raise ValueError(f"{type(model).__name__}.forward has no 'labels' argument")
-    if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
-        raise ValueError("the model soft-caps its logits (config.final_logit_softcapping); "
-                         "the chunked loss does not support it")
     handle = ChunkedLossHandle(model, chunk_tokens, params.index("labels"))
     handle._install()
     return handle
