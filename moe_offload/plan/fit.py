@@ -17,8 +17,10 @@ already holds on the device, else what its class allocates per trainable paramet
 AdamW, NAdam, RAdam, Adamax: two tensors of the parameter's size and dtype, three with
 ``amsgrad``; SGD with momentum, Adagrad, RMSprop: one, two for centered RMSprop or
 momentum+centered; an unknown class: two, and the budget says it guessed).  ``step()``'s
-temporaries: a ``foreach`` implementation holds about one parameter-sized tensor per state
-tensor while it updates (``fused`` ones nothing measurable): counted as the trainable bytes.
+temporaries: a ``foreach`` implementation (torch's default on CUDA) holds a parameter-sized
+tensor per trainable parameter while it updates (Adam's ``sqrt(exp_avg_sq)``), a single-tensor
+loop the largest one, a ``fused`` one nothing measurable (Hugging Face ``Trainer``'s default
+``adamw_torch_fused``).
 """
 from __future__ import annotations
 
@@ -140,6 +142,22 @@ def _optimizer_bytes(optimizer, device: torch.device) -> tuple:
     return total, guessed
 
 
+def _step_temporaries(optimizer, device: torch.device) -> int:
+    """Bytes ``optimizer.step()`` allocates while it runs: a ``fused`` implementation
+    nothing measurable; a single-tensor loop (``foreach=False``) one parameter-sized
+    temporary at a time (the largest); ``foreach`` (torch's default on CUDA) one per
+    trainable parameter at once."""
+    if optimizer is None:
+        return 0
+    total = 0
+    for group in optimizer.param_groups:
+        sizes = [_tensor_bytes(p) for p in group["params"] if p.requires_grad and p.device == device]
+        if not sizes or group.get("fused"):
+            continue
+        total += max(sizes) if group.get("foreach") is False else sum(sizes)
+    return total
+
+
 def host_available_bytes() -> Optional[int]:
     """``MemAvailable`` from ``/proc/meminfo`` (Linux), else ``None``."""
     try:
@@ -175,7 +193,7 @@ def step_budget(model: nn.Module, optimizer=None, *, device_memory_bytes: Option
     if device_memory_bytes <= 0:
         raise ValueError(f"device_memory_bytes must be > 0, got {device_memory_bytes}")
     seen = set()
-    param_bytes = grad_bytes = trainable = 0
+    param_bytes = grad_bytes = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device != device:
             continue
@@ -186,14 +204,13 @@ def step_budget(model: nn.Module, optimizer=None, *, device_memory_bytes: Option
         param_bytes += t.untyped_storage().nbytes()
         if isinstance(t, nn.Parameter) and t.requires_grad:
             grad_bytes += _tensor_bytes(t)
-            trainable += _tensor_bytes(t)
     opt_bytes, guessed = _optimizer_bytes(optimizer, device)
     if reserve_bytes is None:
         reserve_bytes = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * device_memory_bytes))
     if host_memory_bytes is None:
         avail = host_available_bytes()
         host_memory_bytes = None if avail is None else int(HOST_FRACTION * avail)
-    step_tmp = trainable if optimizer is not None else 0
+    step_tmp = _step_temporaries(optimizer, device)
     return StepBudget(int(device_memory_bytes), param_bytes, grad_bytes, opt_bytes, step_tmp,
                       int(reserve_bytes), host_memory_bytes, guessed)
 

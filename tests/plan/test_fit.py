@@ -136,6 +136,12 @@ def test_step_budget_counts_weights_grads_and_optimizer_state_before_and_after_a
     after = step_budget(model, opt, device_memory_bytes=10 ** 6, reserve_bytes=1000)
     assert after.optimizer_bytes == 2 * n                 # counted from the state now
     assert after.activation_budget_bytes == 10 ** 6 - 4 * n - 1000
+    fused = step_budget(model, torch.optim.AdamW(model.parameters(), fused=True),
+                        device_memory_bytes=10 ** 6)
+    single = step_budget(model, torch.optim.AdamW(model.parameters(), foreach=False),
+                         device_memory_bytes=10 ** 6)
+    assert fused.optimizer_step_bytes == 0
+    assert single.optimizer_step_bytes == max(p.numel() * 4 for p in model.parameters())
     model[0].weight.requires_grad_(False)                 # a frozen base
     frozen = step_budget(model, torch.optim.SGD(model.parameters(), lr=1, momentum=0.9),
                          device_memory_bytes=10 ** 6)
