@@ -13,6 +13,10 @@ than the floor no configuration can go below: the stack output, which must stay 
 GPU for the loss (``floor_act_x`` = output bytes / the baseline's act bytes).  E.g. (b)
 vs ``save_on_cpu``, which already keeps only the output: half of it is below the floor.
 
+The same (a)/(b) on the step peak above its start (``peak_x``) instead of the activation
+memory: ``engine_vs_engine_peak`` (the ``plan@<peer>`` rows are budgeted by the peers'
+measured peaks; the published figures are activation memory, so they stay on ``act_x``).
+
 Plus the *hideable* check (a config within 1.03x of ``none``'s time that cuts activation
 memory by at least 50%) and the *lower-bound* check (full offload within 1.10x of the
 transfer lower bound).  :func:`comparisons` builds the three comparisons of a run:
@@ -96,11 +100,13 @@ def lower_bound_check(step_over_lb: dict, tol: float = 1.10) -> dict:
 
 
 def _points(rows: Sequence[dict], owner: str, suffix: str = "", base_stack: Optional[str] = None,
-             label_stack: bool = False) -> list:
+             label_stack: bool = False, memory: str = "act_x") -> list:
+    """``owner``'s usable rows as :class:`Point` s; ``memory``: the row's memory ratio that
+    fills ``Point.act_x`` (``"act_x"``, or ``"peak_x"`` for the step-peak comparison)."""
     pts = []
     for r in rows:
         if r["status"] != "ok" or r["owner"] != owner or r.get("time_x" + suffix) is None \
-                or r.get("act_x" + suffix) is None:
+                or r.get(memory + suffix) is None:
             continue
         if base_stack is not None and r["base_stack"] != base_stack:
             continue
@@ -109,7 +115,7 @@ def _points(rows: Sequence[dict], owner: str, suffix: str = "", base_stack: Opti
         if r.get("reference") and r.get("bitwise_equal") is None:
             continue                          # nor do gradients that were never checked
         name = f"{r['stack']}:{r['strategy']}" if label_stack else r["strategy"]
-        pts.append(Point(name, r["time_x" + suffix], r["act_x" + suffix]))
+        pts.append(Point(name, r["time_x" + suffix], r[memory + suffix]))
     return pts
 
 
@@ -134,6 +140,11 @@ def comparisons(rows: Sequence[dict]) -> dict:
         out["engine_vs_engine"] = {"baseline": f"{fused}:none",
                                    "dominance": dominance_check(peers, ours, **output_floor(rows, fused)),
                                    "hideable": hideable_check(ours)}
+    ours_p = _points(rows, "ours", base_stack=fused, label_stack=True, memory="peak_x")
+    peers_p = _points(rows, "peer", base_stack=fused, label_stack=True, memory="peak_x")
+    if ours_p and peers_p:          # the plan@ rows' budgets are the peers' step peaks
+        out["engine_vs_engine_peak"] = {"baseline": f"{fused}:none",
+                                        "dominance": dominance_check(peers_p, ours_p)}
     ours_u = _points(rows, "ours", "_vs_unfused", base_stack=fused, label_stack=True)
     peers_u = _points(rows, "peer", "_vs_unfused", base_stack="unfused", label_stack=True)
     if ours_u and peers_u:

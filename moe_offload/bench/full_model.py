@@ -83,24 +83,24 @@ class FullStrategy:
         return self.needs() if self.needs else None
 
 
-def _need_liger() -> Optional[str]:
-    if liger_available():
+def _need_import(available: Callable[[], bool], what: str, module: str, name: str) -> Optional[str]:
+    """``None`` when ``available()``; else why ``from module import name`` fails."""
+    if available():
         return None
     try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+        getattr(__import__(module, fromlist=[name]), name)
     except Exception as e:   # noqa: BLE001 - the reason is the report
-        return f"liger_kernel does not import ({type(e).__name__}: {str(e)[:150]})"
-    return "liger_kernel does not import"
+        return f"{what} does not import ({type(e).__name__}: {str(e)[:150]})"
+    return f"{what} does not import"
+
+
+def _need_liger() -> Optional[str]:
+    return _need_import(liger_available, "liger_kernel", "liger_kernel.transformers",
+                        "LigerFusedLinearCrossEntropyLoss")
 
 
 def _need_torchtune() -> Optional[str]:
-    if torchtune_available():
-        return None
-    try:
-        from torchtune.training import OffloadActivations  # noqa: F401
-    except Exception as e:   # noqa: BLE001 - the reason is the report
-        return f"torchtune does not import ({type(e).__name__}: {str(e)[:150]})"
-    return "torchtune does not import"
+    return _need_import(torchtune_available, "torchtune", "torchtune.training", "OffloadActivations")
 
 
 def _need_cuda() -> Optional[str]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..plan.measure import time_step
 
-__all__ = ["StepTimes", "StepMemory", "MemoryMeasurementError", "time_steps", "loss_with_grad",
+__all__ = ["StepTimes", "RowMemory", "MemoryMeasurementError", "time_steps", "loss_with_grad",
            "measure_memory", "allocate_grads", "capture_grads", "grads_bitwise_equal",
            "trace_memory"]
 
@@ -86,8 +86,9 @@ def loss_with_grad(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- memory
 @dataclass
-class StepMemory:
-    """Activation memory (after forward minus before) and peak over the step, bytes.
+class RowMemory:
+    """A row's activation memory (after forward minus before) and peak over the step, bytes
+    (the planner's moment-by-moment record is :class:`moe_offload.plan.measure.StepMemory`).
 
     ``peak_bytes`` is absolute on CUDA (weights included) and relative to the step start
     on the CPU; ``base_bytes`` is what was allocated when the step began."""
@@ -164,7 +165,7 @@ def _check_act(act: int, min_act_bytes: int) -> None:
 
 
 def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
-                   cuda: bool, min_act_bytes: int = 0) -> StepMemory:
+                   cuda: bool, min_act_bytes: int = 0) -> RowMemory:
     """One step measuring activation and peak memory (see the module docstring).
 
     It starts from a clean state: whatever the previous step dropped is collected first
@@ -186,12 +187,12 @@ def measure_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torc
         del y
         torch.cuda.synchronize()
         _check_act(act, min_act_bytes)
-        return StepMemory(act, torch.cuda.max_memory_allocated(), base, "torch.cuda.memory_allocated")
+        return RowMemory(act, torch.cuda.max_memory_allocated(), base, "torch.cuda.memory_allocated")
     series, fwd_end = _cpu_profiled_step(forward, backward)
     act = [b for t, b in series if t <= fwd_end][-1]
     peak = max(b for _, b in series)
     _check_act(int(act), min_act_bytes)
-    return StepMemory(int(act), int(peak), 0, "cpu profiler (net host bytes)")
+    return RowMemory(int(act), int(peak), 0, "cpu profiler (net host bytes)")
 
 
 def allocate_grads(params) -> list:

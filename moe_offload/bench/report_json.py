@@ -45,6 +45,7 @@ Top-level keys:
 - ``published``: the peers' published figures (not measured):
   ``[{"name", "time_x", "act_x", "baseline": "unfused none"}]``.
 - ``checks``: :func:`moe_offload.bench.checks.comparisons` -- ``engine_vs_engine``,
+  ``engine_vs_engine_peak`` (the same on ``peak_x``, ``{"baseline", "dominance"}``),
   ``system_vs_system`` (each ``{"baseline", "dominance": [{"peer", "peer_time_x",
   "peer_act_x", "a_pass", "a_configs", "b_pass", "b_configs", "a_status", "b_status"
   (PASS/FAIL/IMPOSSIBLE), "floor_act_x", and "a_why"/"b_why" when IMPOSSIBLE}],

@@ -105,6 +105,7 @@ def format_checks(checks: dict) -> str:
     out = ["Pareto / dominance checks"]
     titles = {"engine_vs_engine": "engine vs engine (all on our fused stack)",
               "system_vs_system": "system vs system (peers on the unfused stack, ours on fused)",
+              "engine_vs_engine_peak": "engine vs engine by step peak (peak x for act x)",
               "published": "ours vs the peers' published figures (not measured)"}
     for key, title in titles.items():
         if key not in checks:

@@ -75,6 +75,20 @@ def test_comparisons_from_rows():
     assert c["system_vs_system"]["hideable"]["pass"]     # 0.99x of unfused none, 0.144 act
     assert c["published"]["baseline"] == "unfused:none"
     assert c["lower_bound"]["pass"] and list(c["lower_bound"]["configs"]) == ["fused:offload_but_last"]
+    assert "engine_vs_engine_peak" not in c                # no peak_x in these rows
+
+
+def test_peak_comparison_reads_peak_x():
+    """The step-peak comparison judges the same rows by ``peak_x``: a plan that beats the
+    checkpoint peer's peak passes there even where its activation memory does not."""
+    rows = [_row("fused", "none", "baseline", 1.0, 1.0), _row("fused", "checkpoint", "peer", 1.3, 0.4),
+            _row("fused", "plan@checkpoint", "ours", 1.1, 0.45)]
+    for r, peak in zip(rows, (1.0, 0.6, 0.55)):
+        r["peak_x"] = peak
+    c = comparisons(rows)
+    assert not c["engine_vs_engine"]["dominance"][0]["a_pass"]          # act 0.45 > 0.4
+    peak = c["engine_vs_engine_peak"]["dominance"][0]
+    assert peak["a_pass"] and peak["a_configs"] == ["fused:plan@checkpoint"]   # 0.55 <= 0.6
 
 
 def test_impossible_when_the_memory_bound_is_below_the_output():

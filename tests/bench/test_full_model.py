@@ -16,12 +16,7 @@ from moe_offload.bench.full_ours import bisect_longest, math_changing
 GiB = 1 << 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weights_of_qwen3_30b_a3b_and_the_layers_that_fit():

@@ -260,6 +260,33 @@ def test_plan_runner_restores_the_stack_and_keeps_grads_bitwise():
         h.remove()
 
 
+def test_the_general_planner_plans_a_synthetic_stack_within_its_peak_budget():
+    """The stacks' rows are planned by ``plan_memory`` on the stack's measured figures:
+    every budget between no plan's peak and the least any plan reaches gets a plan predicted
+    within it, smaller budgets never get a faster plan than the least-peak one allows, and
+    a budget below that least peak is refused with the minimum in the message."""
+    from moe_offload.bench.models import build_stacks, make_inputs
+    from moe_offload.bench.run import stack_figures
+    from moe_offload.plan import plan_memory
+    from moe_offload.plan.memory_plan import candidates
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=4, dtype="fp32", device="cpu",
+                      stack="fused", recipe="none", iters=1, warmup=0)
+    stack = build_stacks(cfg, None)["fused"]
+    x, dy = make_inputs(cfg)
+    figs = stack_figures(cfg, stack, x, dy, False, {"d2h_Bps": 1e9, "h2d_Bps": 1e9})
+    peaks = sorted({c.peak_bytes for c in candidates(figs[1], 0)})    # each at its least-peak prefetch
+    low, high = peaks[0], peaks[-1]
+    assert low < high
+    for budget in peaks:
+        plan = plan_memory(stack.layers, None, budget, figures=figs, min_offload_bytes=1024)
+        assert plan.predicted_peak_bytes <= budget and plan.budget_bytes == budget
+    tight = plan_memory(stack.layers, None, low, figures=figs, min_offload_bytes=1024)
+    loose = plan_memory(stack.layers, None, high, figures=figs, min_offload_bytes=1024)
+    assert loose.predicted_step_s <= tight.predicted_step_s
+    with pytest.raises(ValueError, match=f"smallest step peak any plan reaches: {low} bytes"):
+        plan_memory(stack.layers, None, low - 1, figures=figs, min_offload_bytes=1024)
+
+
 def test_planned_rows_run_after_every_peer():
     cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
                       stack="both", recipe="none", strategies=["plan@half-checkpoint"])

@@ -12,12 +12,7 @@ from moe_offload.bench.real_model import QWEN3_TINY, build_qwen3, real_rows, tar
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(argv):

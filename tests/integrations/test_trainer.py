@@ -30,12 +30,7 @@ EXACT = dict(exact=True, plan_kwargs=PLAN)
 LENGTHS = [16, 16, 16, 24, 16, 16, 16, 16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def examples(lengths, seed=3):

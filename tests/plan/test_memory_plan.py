@@ -15,12 +15,7 @@ pytest.importorskip("transformers")
 THRESHOLD = 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)     # the tiny models run faster without thread contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _measured(kind):
