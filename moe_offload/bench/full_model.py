@@ -43,8 +43,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ..plan.fit import host_available_bytes
 from .full_steps import (WARM_ALWAYS_S, GiB, MiB, Deadline, FullRun, Trainer, attention_c2,
-                         cleanup, fmt_bytes, host_available_bytes, layers_that_fit,
+                         cleanup, fmt_bytes, layers_that_fit,
                          longest_fitting, make_ids, peak_line, predict_time, time_model, timed_at)
 from .peers import install_peer, liger_available, liger_causal_lm_loss, torchtune_available
 

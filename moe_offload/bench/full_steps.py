@@ -13,9 +13,10 @@ from typing import Callable, Optional
 
 import torch
 
+
 __all__ = ["MiB", "GiB", "fmt_bytes", "weight_bytes", "layers_that_fit", "peak_line",
            "longest_fitting", "time_model", "attention_c2", "predict_time", "Deadline",
-           "make_ids", "StepResult", "cleanup", "host_available_bytes", "pinned_peak_bytes",
+           "make_ids", "StepResult", "cleanup", "pinned_peak_bytes",
            "reset_pinned_peak", "Trainer", "FullRun", "WARM_ALWAYS_S", "timed_at"]
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -176,18 +177,6 @@ def cleanup(cuda: bool) -> None:
                     break
                 except Exception:   # noqa: BLE001 - an older torch: the cache stays
                     continue
-
-
-def host_available_bytes() -> Optional[int]:
-    """The host's available memory (``MemAvailable``), ``None`` where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def pinned_peak_bytes() -> Optional[int]:

@@ -37,7 +37,7 @@ from .modules import find_layers
 from .solve import predict
 
 __all__ = ["fit", "step_budget", "StepBudget", "FitHandle", "RESERVE_FRACTION", "RESERVE_MIN_BYTES",
-           "HOST_FRACTION"]
+           "HOST_FRACTION", "host_available_bytes"]
 
 GiB = float(1 << 30)
 
