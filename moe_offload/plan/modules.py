@@ -132,9 +132,24 @@ def options_for(layer: nn.Module) -> List[str]:
     return opts
 
 
+#: Keyword arguments by which Hugging Face passes a layer its KV cache (5.x: ``cache``).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
 def _ckpt_forward(inner: Callable, *args, **kwargs):
+    """``inner`` under non-reentrant checkpoint (with grad).  A KV cache handed to the
+    layer is dropped first, as Hugging Face does under its own checkpointing
+    (``use_cache=False`` in training): the recompute would append the same keys to it a
+    second time (DeepSeek-V2's MLA layer then recomputes 64 keys where the forward saw 32:
+    torch's ``CheckpointError``).  Training does not read the cache; the returned cache just
+    lacks this layer's entries."""
     if not torch.is_grad_enabled():
         return inner(*args, **kwargs)
+    for key in _CACHE_KWARGS:
+        if kwargs.get(key) is not None:
+            kwargs[key] = None
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 

@@ -134,3 +134,61 @@ def test_torchtitan_style_model_with_the_loss_outside_is_planned_and_bitwise():
         finally:
             handle.remove()
     assert bitwise(grads(model, step), ref)
+
+
+def _deepseek_v2():
+    """DeepSeek-V2's shape: MLA attention (its own q/kv LayerNorms inside), shared experts
+    beside the routed ones, the first layer dense."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    torch.manual_seed(0)
+    cfg = DeepseekV2Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                           n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+                           first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                           max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return DeepseekV2ForCausalLM(cfg).float()
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02,
+                        max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return MixtralForCausalLM(cfg).float()
+
+
+@pytest.mark.parametrize("build", [_deepseek_v2, _mixtral], ids=["deepseek_v2", "mixtral"])
+def test_hugging_face_moe_families_are_planned_per_layer_and_bitwise(build):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build()
+        ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(1))
+
+        def step():
+            return model(input_ids=ids, labels=ids).loss
+        ref = grads(model, step)
+        figs = measure_model(model, step, min_offload_bytes=THRESHOLD, iters=1, warmup=0)
+        layers, f = figs
+        assert layers is model.model.layers
+        offered = [set(options_for(layer)) for layer in layers]
+        assert all(set(lf.groups) == o for lf, o in zip(f.layers, offered))
+        cands = candidates(f, exact=True)
+        assert all(c.recompute in lf.groups for p in cands for c, lf in zip(p.choices, f.layers))
+        for target in (min(cands, key=lambda c: c.peak_bytes),
+                       min((c for c in cands if sum(c.moved_bytes)), key=lambda c: c.peak_bytes)):
+            plan = plan_memory(model, step, target.peak_bytes, figures=figs,
+                               min_offload_bytes=THRESHOLD, exact=True)
+            handle = plan.apply()
+            try:
+                assert bitwise(grads(model, step), ref), plan.describe()
+            finally:
+                handle.remove()
+        assert bitwise(grads(model, step), ref)
+    finally:
+        torch.set_num_threads(n)
