@@ -12,7 +12,24 @@ from moe_offload.plan.modules import options_for
 from ._models import bitwise, grads
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 THRESHOLD = 1024
+
+
+def _plans_are_bitwise(model, step, figs, ref) -> None:
+    """The exact plans of least peak (any, and one that offloads) keep every gradient
+    bitwise; the model is as before once they are removed."""
+    cands = candidates(figs[1], exact=True)
+    for target in (min(cands, key=lambda c: c.peak_bytes),
+                   min((c for c in cands if sum(c.moved_bytes)), key=lambda c: c.peak_bytes)):
+        plan = plan_memory(model, step, target.peak_bytes, figures=figs, min_offload_bytes=THRESHOLD,
+                           exact=True)
+        handle = plan.apply()
+        try:
+            assert bitwise(grads(model, step), ref), plan.describe()
+        finally:
+            handle.remove()
+    assert bitwise(grads(model, step), ref)
 
 
 def _dense_first(layers=3, tokens=32):
@@ -30,35 +47,20 @@ def _dense_first(layers=3, tokens=32):
 
 
 def test_dense_layer_keeps_moe_options_on_the_other_layers():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, step = _dense_first()
-        layers = model.model.layers
-        assert "norms+experts" not in options_for(layers[0])
-        assert "norms+experts" in options_for(layers[1])
-        ref = grads(model, step)
-        figs = measure_model(model, step, min_offload_bytes=THRESHOLD, iters=1, warmup=0)
-        f = figs[1]
-        assert "norms+experts" not in f.layers[0].groups and "norms+experts" in f.layers[2].groups
-        cands = candidates(f)
-        uses = {c.choices for c in cands}
-        # the MoE option on the MoE layers, the dense layer on what it has
-        assert any(ch[1].recompute == "norms+experts" and ch[2].recompute == "norms+experts"
-                   for ch in uses)
-        assert all(c.recompute in lf.groups for ch in uses for c, lf in zip(ch, f.layers))
-        # a plan asking for the least peak uses a MoE-only option somewhere and stays bitwise
-        least = min(candidates(f, exact=True), key=lambda c: c.peak_bytes)
-        plan = plan_memory(model, step, least.peak_bytes, figures=figs, min_offload_bytes=THRESHOLD,
-                           exact=True)
-        handle = plan.apply()
-        try:
-            assert bitwise(grads(model, step), ref)
-        finally:
-            handle.remove()
-        assert bitwise(grads(model, step), ref)
-    finally:
-        torch.set_num_threads(n)
+    model, step = _dense_first()
+    layers = model.model.layers
+    assert "norms+experts" not in options_for(layers[0])
+    assert "norms+experts" in options_for(layers[1])
+    ref = grads(model, step)
+    figs = measure_model(model, step, min_offload_bytes=THRESHOLD, iters=1, warmup=0)
+    f = figs[1]
+    assert "norms+experts" not in f.layers[0].groups and "norms+experts" in f.layers[2].groups
+    uses = {c.choices for c in candidates(f)}
+    # the MoE option on the MoE layers, the dense layer on what it has
+    assert any(ch[1].recompute == "norms+experts" and ch[2].recompute == "norms+experts"
+               for ch in uses)
+    assert all(c.recompute in lf.groups for ch in uses for c, lf in zip(ch, f.layers))
+    _plans_are_bitwise(model, step, figs, ref)
 
 
 class _TitanAttention(torch.nn.Module):
@@ -124,16 +126,7 @@ def test_torchtitan_style_model_with_the_loss_outside_is_planned_and_bitwise():
     assert len(layers) == 3 and all(a is b for a, b in zip(layers, model.layers.values()))
     assert "norms+fc1" not in f.layers[0].groups and "norms+fc1" in f.layers[1].groups
     assert set(f.heads) == {"none"}                  # no HF loss to checkpoint or chunk
-    cands = candidates(f)
-    for target in (min(cands, key=lambda c: c.peak_bytes),
-                   min((c for c in cands if sum(c.moved_bytes)), key=lambda c: c.peak_bytes)):
-        plan = plan_memory(model, step, target.peak_bytes, figures=figs, min_offload_bytes=THRESHOLD)
-        handle = plan.apply()
-        try:
-            assert bitwise(grads(model, step), ref), plan.describe()
-        finally:
-            handle.remove()
-    assert bitwise(grads(model, step), ref)
+    _plans_are_bitwise(model, step, figs, ref)
 
 
 def _deepseek_v2():
@@ -164,31 +157,17 @@ def _mixtral():
 
 @pytest.mark.parametrize("build", [_deepseek_v2, _mixtral], ids=["deepseek_v2", "mixtral"])
 def test_hugging_face_moe_families_are_planned_per_layer_and_bitwise(build):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = build()
-        ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(1))
+    model = build()
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(1))
 
-        def step():
-            return model(input_ids=ids, labels=ids).loss
-        ref = grads(model, step)
-        figs = measure_model(model, step, min_offload_bytes=THRESHOLD, iters=1, warmup=0)
-        layers, f = figs
-        assert layers is model.model.layers
-        offered = [set(options_for(layer)) for layer in layers]
-        assert all(set(lf.groups) == o for lf, o in zip(f.layers, offered))
-        cands = candidates(f, exact=True)
-        assert all(c.recompute in lf.groups for p in cands for c, lf in zip(p.choices, f.layers))
-        for target in (min(cands, key=lambda c: c.peak_bytes),
-                       min((c for c in cands if sum(c.moved_bytes)), key=lambda c: c.peak_bytes)):
-            plan = plan_memory(model, step, target.peak_bytes, figures=figs,
-                               min_offload_bytes=THRESHOLD, exact=True)
-            handle = plan.apply()
-            try:
-                assert bitwise(grads(model, step), ref), plan.describe()
-            finally:
-                handle.remove()
-        assert bitwise(grads(model, step), ref)
-    finally:
-        torch.set_num_threads(n)
+    def step():
+        return model(input_ids=ids, labels=ids).loss
+    ref = grads(model, step)
+    figs = measure_model(model, step, min_offload_bytes=THRESHOLD, iters=1, warmup=0)
+    layers, f = figs
+    assert layers is model.model.layers
+    offered = [set(options_for(layer)) for layer in layers]
+    assert all(set(lf.groups) == o for lf, o in zip(f.layers, offered))
+    assert all(c.recompute in lf.groups for p in candidates(f, exact=True)
+               for c, lf in zip(p.choices, f.layers))
+    _plans_are_bitwise(model, step, figs, ref)

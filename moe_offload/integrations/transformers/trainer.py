@@ -33,8 +33,9 @@ The planner's ``step_fn`` is ``loss_fn(model(*args, **kwargs))`` on that batch (
 output's ``loss``); the planner runs forwards and backwards on it.  Around planning we keep
 what training must not see change: parameter ``.grad`` s (moved to the host while measuring,
 then put back: a re-plan in the middle of gradient accumulation keeps what was accumulated),
-the CPU and CUDA random number generators (the data order of the next epoch and any dropout
-draw the same numbers); the measuring forwards pass through the hook without planning.
+the CPU and CUDA random number generators (restored by the planner's own measurement, so the
+data order of the next epoch and any dropout draw the same numbers); the measuring forwards
+pass through the hook without planning.
 Weights are untouched (no optimizer step).  So training losses and gradients are bitwise those
 without the callback on the same experts: the plan itself is transport (offload) and exact
 recompute.  ``exact=False`` (the planner's default) lets it also pick options that change
@@ -298,7 +299,6 @@ class FirstBatchPlanner:
         replan = self.handle is not None
         self._busy = True
         grads = self._stash_grads()
-        rng = _rng_state()
         failed = True
         try:
             if self.handle is not None:
@@ -311,7 +311,6 @@ class FirstBatchPlanner:
             self.handle, self.plan = self._run_planner(step_fn)
             failed = False
         finally:
-            _set_rng_state(rng)
             self._restore_grads(grads)
             self._busy = False
             if failed:              # the error goes on; the model is left as before
@@ -366,19 +365,6 @@ class FirstBatchPlanner:
             p.grad = None
         for p, g in stashed:
             p.grad = g.to(p.device) if g.device != p.device else g
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and \
-        torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def plan_on_first_batch(model: nn.Module, optimizer=None, **options) -> FirstBatchPlanner:
