@@ -45,7 +45,12 @@ def test_qwen3_run_prints_table_plans_and_targets(tmp_path, capsys):
     assert set(rows) == {"none", "checkpoint", "plan@checkpoint", "plan@time"}
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r["note"])
-        assert r["bitwise_equal"] is True, name
+        if r["bitwise_equal"] is not True:
+            # Only a plan whose head changes the math (the chunked loss: its GEMMs run over
+            # chunks of rows, a choice the planner makes by measured time) may differ, and
+            # it is labelled with its measured error.
+            assert r["plan"] and r["plan"]["math_changing"], name
+            assert r["bitwise_equal"] is False and 0 < r["grad_max_rel_error"] < 1e-4, (name, r)
     plan = rows["plan@checkpoint"]["plan"]
     ck_peak = rows["checkpoint"]["peak_step_bytes"]
     assert plan["budget_bytes"] == ck_peak or rows["plan@checkpoint"]["requested_budget_bytes"] == ck_peak
