@@ -4,7 +4,7 @@
     python examples/train_hf_trainer.py --slice    # GPU: the Qwen3-30B-A3B 8-layer slice
 
 The model is built from a config (random weights, no download): on the CPU a tiny Qwen3-MoE,
-with ``--slice`` the slice of the benchmark (``moe_offload.bench.real_model.QWEN3_SLICE``:
+with ``--slice`` the slice of the benchmark (``moe_offload.bench.workloads.QWEN3_SLICE``:
 hidden 2048, 128 experts top-8, 8 decoder layers, bf16, SDPA) on ``--seq`` tokens per step.
 The data are random token sequences (the loss only shows that training runs).
 
@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from moe_offload.bench.real_model import QWEN3_SLICE, QWEN3_TINY, build_qwen3
+from moe_offload.bench.workloads import QWEN3_SLICE, QWEN3_TINY, build_qwen3
 from moe_offload.integrations.transformers import MoEOffloadCallback
 
 GiB = float(1 << 30)

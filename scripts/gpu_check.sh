@@ -11,7 +11,8 @@
 #                about 475 s (wheels and env.txt take the rest).
 #   slice        the 8-layer slice at 8192 tokens: peers, and our plans budgeted at each peer's
 #                measured step peak: --model slice --json slice.json --plot slice.png -> slice.log
-#   hf_experts   python -m moe_offload.bench.hf_experts (our experts vs HF grouped_mm)   -> hf_experts.log
+#   experts      our experts vs HF grouped_mm on the slice, with and without HF checkpointing:
+#                --model slice --strategies experts,checkpoint --json experts.json -> experts.log
 #   bench        the synthetic stacks: python -m moe_offload bench --preset medium     -> bench.log
 #   layers       scripts/bench_grouped_mlp.py and scripts/bench_fp8.py at two shapes   -> layers.log
 #   fp8_profile  scripts/bench_fp8.py --probe and --profile                              -> fp8_profile.log
@@ -40,7 +41,7 @@ if ls .whl/torchtune/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS=${*:-cuda_tests main}
-[ "$STEPS" = all ] && STEPS="cuda_tests main slice hf_experts bench layers fp8_profile"
+[ "$STEPS" = all ] && STEPS="cuda_tests main slice experts bench layers fp8_profile"
 TOTAL_S=${TOTAL_S:-560}
 
 run_step() {  # name cap log cmd...
@@ -77,7 +78,8 @@ for step in $STEPS; do
                   --model full --time-budget "$budget" --json "$OUT/main.json" ;;
     slice)      run_step slice "${SLICE_CAP:-300}" "$OUT/slice.log" $PY -m moe_offload --model slice \
                   --no-progress --json "$OUT/slice.json" --plot "$OUT/slice.png" ;;
-    hf_experts) run_step hf_experts "${HF_CAP:-100}" "$OUT/hf_experts.log" $PY -m moe_offload.bench.hf_experts ;;
+    experts)    run_step experts "${HF_CAP:-150}" "$OUT/experts.log" $PY -m moe_offload --model slice \
+                  --strategies experts,checkpoint --no-progress --json "$OUT/experts.json" ;;
     bench)      run_step bench "${BENCH_CAP:-260}" "$OUT/bench.log" $PY -m moe_offload bench --preset medium \
                   --iters 8 --warmup 3 --no-progress --json "$OUT/bench.json" --plot "$OUT/bench.png" ;;
     layers)     run_step layers "${LAYERS_CAP:-150}" "$OUT/layers.log" env PY="$PY" bash -c "$LAYERS_CMD" ;;
@@ -86,13 +88,12 @@ for step in $STEPS; do
   esac
 done
 
-for log in main slice bench; do
+for log in main slice experts bench; do
   [ -f "$OUT/$log.log" ] || continue
   echo
   echo "=== $log: table and checks ($OUT/$log.log)"
   sed -n '/^torch /,$p' "$OUT/$log.log" | grep -vE '^(bench:|MemoryPlan|layer |    [0-9] )' || tail -n 40 "$OUT/$log.log"
 done
-[ -f "$OUT/hf_experts.log" ] && { echo; echo "=== hf_experts"; grep -E '^\||^Qwen' "$OUT/hf_experts.log"; }
 echo
 echo "=== summary"
 printf '%-12s %-6s %-8s %s\n' step rc seconds result
@@ -102,9 +103,8 @@ while IFS='|' read -r name rc secs; do
     layers) res=$(grep -ciE 'speedup|x bf16|ms' "$OUT/layers.log" | sed 's/$/ timing lines/') ;;
     fp8_profile) res="$(grep -c '\[probe\].*OK' "$OUT/fp8_profile.log") probes OK, $(grep -c '\[probe\].*FAIL' "$OUT/fp8_profile.log") FAIL; $(grep -E '^  sum ' "$OUT/fp8_profile.log" | head -n 1)" ;;
     cuda_tests) res=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/cuda_tests.log" | tail -n 1) ;;
-    main|slice) res="$(grep -cE '^  PASS' "$OUT/$name.log") PASS, $(grep -cE '^  FAIL' "$OUT/$name.log") FAIL, $(grep -cE '^[^ ].*\[(error|skipped)\]' "$OUT/$name.log") error/skipped rows" ;;
+    main|slice|experts) res="$(grep -cE '^  PASS' "$OUT/$name.log") PASS, $(grep -cE '^  FAIL' "$OUT/$name.log") FAIL, $(grep -cE '^[^ ].*\[(error|skipped)\]' "$OUT/$name.log") error/skipped rows" ;;
     bench) res="$(grep -cE 'PASS' "$OUT/$name.log") PASS, $(grep -cE 'FAIL' "$OUT/$name.log") FAIL, $(grep -cE '\[error\]' "$OUT/$name.log") error rows" ;;
-    hf_experts) res="$(grep -cE '^\| [a-z]' "$OUT/hf_experts.log") rows" ;;
   esac
   [ "$rc" = 124 ] && res="TIMED OUT after ${secs}s; $res"
   printf '%-12s %-6s %-8s %s\n' "$name" "$rc" "$secs" "$res"

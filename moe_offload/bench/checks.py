@@ -21,6 +21,10 @@ Plus the *hideable* check (a config within 1.03x of ``none``'s time that cuts ac
 memory by at least 50%) and the *lower-bound* check (full offload within 1.10x of the
 transfer lower bound).  :func:`comparisons` builds the three comparisons of a run:
 engine vs engine, system vs system, and ours vs the peers' published figures.
+
+On a Hugging Face model (the slice) the checks are the issues' targets instead
+(:func:`target_checks`): the plans at the peers' measured peaks against ``none``'s time,
+the predicted peak and step against the measured ones, and bitwise gradients.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 __all__ = ["Point", "PUBLISHED", "dominance_check", "hideable_check", "lower_bound_check",
-           "output_floor", "comparisons"]
+           "output_floor", "comparisons", "target_checks", "run_checks"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +166,62 @@ def comparisons(rows: Sequence[dict]) -> dict:
             if r["status"] == "ok" and r["strategy"] in ("offload_but_last", "offload_all")}
     out["lower_bound"] = lower_bound_check(full)
     return out
+
+
+def _x(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def target_checks(rows: list) -> list:
+    """The slice's targets on this run: ``[{"target", "status", "detail"}]``.  Budgets are
+    the peers' measured step peaks (issue 16); ``plan@time`` keeps issue 11's target."""
+    by = {r["strategy"]: r for r in rows if r["status"] == "ok"}
+    out = []
+
+    def add(target, ok, detail):
+        out.append({"target": target, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
+                    "detail": detail})
+
+    def txt(r):
+        return (f"{r['strategy']}: time x {r['time_x']:.2f}, peak x {_x(r.get('peak_x'))}, "
+                f"act x {_x(r.get('act_x'))}")
+
+    r, ck = by.get("plan@checkpoint"), by.get("checkpoint")
+    add("at checkpointing's peak: <= 1.10x none's time",
+        None if r is None or ck is None else
+        r["time_x"] <= 1.10 and r["peak_step_bytes"] <= ck["peak_step_bytes"] * 1.02,
+        txt(r) if r else "row did not run")
+    r = by.get("plan@time")
+    add("at <= 1.03x none's time: <= 0.40x none's memory after the forward",
+        None if r is None else r["time_x"] <= 1.03 and r["act_x"] <= 0.40, txt(r) if r else "row did not run")
+    for peer in ("save_on_cpu+ckpt", "torchtune+ckpt"):
+        r = by.get(f"plan@{peer}")
+        target = f"at {peer}'s peak: <= 1.15x none's time"
+        if r is not None and r.get("requested_budget_bytes") is not None:
+            add(target, False, f"{txt(r)}: peak target out of reach: {r['note']}")
+        else:
+            add(target, None if r is None else r["time_x"] <= 1.15, txt(r) if r else "row did not run")
+    plans = [r for r in rows if r["status"] == "ok" and r.get("plan")]
+    errs = [(r["strategy"], r["peak_step_bytes"] / max(r["plan"].get("predicted_peak_bytes") or 0, 1) - 1)
+            for r in plans]
+    add("predicted peak within 5% of measured (every plan row)",
+        None if not plans else all(abs(e) <= 0.05 for _, e in errs),
+        ", ".join(f"{n} {e:+.1%}" for n, e in errs) or "no plan row")
+    bad = [r["strategy"] for r in plans if abs(r["step_over_predicted"] - 1) > 0.05]
+    add("predicted step time within 5% of measured (every plan row)", None if not plans else not bad,
+        ", ".join(bad) or f"{len(plans)} rows")
+    nb = [r["strategy"] for r in plans if r.get("bitwise_equal") is not True
+          and not r["plan"].get("math_changing")]
+    labelled = [f"{r['strategy']} (math-changing head {r['plan'].get('head')}, max rel err "
+                f"{_x(r.get('grad_max_rel_error'), '.1e')})" for r in plans
+                if r.get("bitwise_equal") is not True and r["plan"].get("math_changing")]
+    add("gradients bitwise equal to none (every plan row but labelled math changes)",
+        None if not plans else not nb,
+        "; ".join(([", ".join(nb)] if nb else []) + labelled) or f"{len(plans)} rows")
+    return out
+
+
+def run_checks(rows: list, model: str) -> dict:
+    """The checks of a run: the slice's targets (``{"targets": [...]}``) on a Hugging Face
+    model, else the stacks' :func:`comparisons`."""
+    return {"targets": target_checks(rows)} if model == "qwen3" else comparisons(rows)

@@ -1,18 +1,17 @@
-"""``python -m moe_offload bench``: run, print the table and checks, write JSON and plot."""
+"""``python -m moe_offload bench``: run, print the report, write JSON and plot."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .checks import comparisons
+from .checks import run_checks
 from .config import BenchConfig, config_from_args
 from .plot import write_plot
-from .report_json import build_report, write_json
+from .report import build_report, format_report, write_json
 from .run import run_bench
 from .strategies import strategy_names
-from .table import format_checks, format_env, format_table
 
-__all__ = ["bench_main", "run_and_report", "run_and_report_real", "run_and_report_full"]
+__all__ = ["bench_main", "run_and_report", "run_and_report_full"]
 
 
 def _write_files(report: dict, cfg: BenchConfig, out) -> None:
@@ -30,43 +29,15 @@ def _write_files(report: dict, cfg: BenchConfig, out) -> None:
 
 
 def run_and_report(cfg: BenchConfig, out=None) -> dict:
-    """Run ``cfg``, print the report to ``out`` (stdout), write JSON/plot; return the report."""
+    """Run ``cfg``, print the report to ``out`` (stdout), write JSON/plot; return the report.
+    ``--model full`` is the full-depth run (:func:`run_and_report_full`)."""
     out = out or sys.stdout
     if cfg.model == "full":
         return run_and_report_full(cfg, out)
-    if cfg.model == "qwen3":
-        return run_and_report_real(cfg, out)
     result = run_bench(cfg)
-    checks = comparisons(result["rows"])
+    checks = run_checks(result["rows"], cfg.model)
     report = build_report(result, checks)
-    print(format_env(result["env"], result["config"]), file=out)
-    print(format_table(result["rows"]), file=out)
-    print(format_checks(checks), file=out)
-    _write_files(report, cfg, out)
-    return report
-
-
-def run_and_report_real(cfg: BenchConfig, out=None) -> dict:
-    """The real-model run (``--model qwen3``): table, per-plan tables, targets, JSON, plot."""
-    from .real_model import (format_check_note, format_plans, format_slice_table, format_targets,
-                             run_real, target_checks)
-    import os
-    from .run import derive, environment, progress
-    out = out or sys.stdout
-    if cfg.is_cuda:   # deterministic cuBLAS for the check steps: set before cuBLAS starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    env = environment(cfg)
-    result = run_real(cfg, progress)
-    derive(result["rows"], env)
-    checks = {"targets": target_checks(result["rows"])}
-    report = build_report({"config": cfg.to_dict(), "env": env, "rows": result["rows"],
-                           "traces": {}}, checks)
-    report["planner"] = result["planner"]
-    print(format_env(env, report["config"]), file=out)
-    print(format_slice_table(result["rows"]), file=out)
-    print(format_check_note(result["rows"]), file=out)
-    print(format_plans(result["rows"]), file=out)
-    print(format_targets(checks["targets"]), file=out)
+    print(format_report(result, checks), file=out)
     _write_files(report, cfg, out)
     return report
 
@@ -108,10 +79,6 @@ def run_and_report_full(cfg: BenchConfig, out=None) -> dict:
 def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate ``args`` (usage error, exit 2, on bad values) and run the benchmark."""
     recipe = None if args.recipe == "none" else (args.recipe or "fp8")
-    from .full_model import FULL_STRATEGIES
-    from .real_model import real_rows
-    known = strategy_names(recipe) + [r.name for r in real_rows(True)] + ["peer", "planned"] + \
-        [s.name for s in FULL_STRATEGIES if s.name not in ("none", "checkpoint", "sac")]
-    cfg = config_from_args(args, parser, known_strategies=known)
+    cfg = config_from_args(args, parser, known_strategies=strategy_names(recipe))
     run_and_report(cfg)
     return 0

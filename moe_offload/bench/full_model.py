@@ -7,7 +7,7 @@ weights frozen, LoRA adapters on attention q/k/v/o (peft, when it imports; else 
 and router weights train) and AdamW.  Where the weights do not fit in half the device
 memory (an H100 80 GB), the model keeps the most layers whose weights do, and says so.
 
-For every strategy (:data:`FULL_STRATEGIES`) the run finds the **longest sequence** (one
+For every strategy of the registry that runs here (:func:`full_strategies`) the run finds the **longest sequence** (one
 sequence, a multiple of ``unit`` = 4096 tokens, at most ``cap``) whose training step
 (forward + backward + ``optimizer.step()``) fits the device, and its tokens/s there; then
 each strategy's tokens/s at HF checkpointing's longest sequence.
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -47,9 +46,10 @@ from ..plan.fit import host_available_bytes
 from .full_steps import (WARM_ALWAYS_S, GiB, MiB, Deadline, FullRun, Trainer, attention_c2,
                          cleanup, fmt_bytes, layers_that_fit,
                          longest_fitting, make_ids, peak_line, predict_time, time_model, timed_at)
-from .peers import install_peer, liger_available, liger_causal_lm_loss, torchtune_available
+from .strategies import Context, Skip, liger_causal_lm_loss, strategies_for
+from .workloads import build_qwen3, model_workload
 
-__all__ = ["QWEN3_FULL", "QWEN3_FULL_TINY", "FullStrategy", "FULL_STRATEGIES", "build_full",
+__all__ = ["QWEN3_FULL", "QWEN3_FULL_TINY", "FULL_ORDER", "full_strategies", "build_full",
            "run_full", "format_full_report", "full_targets"]
 
 QWEN3_FULL = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -66,76 +66,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 # ------------------------------------------------------------------ the strategies
-@dataclass(frozen=True)
-class FullStrategy:
-    """One row of the full-model run: ``peer`` (installed with
-    :func:`~moe_offload.bench.peers.install_peer`), ``loss`` (``"hf"``: the model's own
-    loss; ``"liger"``: Liger's fused linear cross-entropy + the router aux loss),
-    ``needs`` (a package check: ``() -> reason or None``)."""
-    name: str
-    owner: str
-    description: str
-    peer: Optional[str] = None
-    loss: str = "hf"
-    needs: Optional[Callable[[], Optional[str]]] = None
-
-    def unavailable(self) -> Optional[str]:
-        """Why this row cannot run here (``None``: it can)."""
-        return self.needs() if self.needs else None
-
-
-def _need_import(available: Callable[[], bool], what: str, module: str, name: str) -> Optional[str]:
-    """``None`` when ``available()``; else why ``from module import name`` fails."""
-    if available():
-        return None
-    try:
-        getattr(__import__(module, fromlist=[name]), name)
-    except Exception as e:   # noqa: BLE001 - the reason is the report
-        return f"{what} does not import ({type(e).__name__}: {str(e)[:150]})"
-    return f"{what} does not import"
-
-
-def _need_liger() -> Optional[str]:
-    return _need_import(liger_available, "liger_kernel", "liger_kernel.transformers",
-                        "LigerFusedLinearCrossEntropyLoss")
-
-
-def _need_torchtune() -> Optional[str]:
-    return _need_import(torchtune_available, "torchtune", "torchtune.training", "OffloadActivations")
-
-
-def _need_cuda() -> Optional[str]:
-    return None if torch.cuda.is_available() else "HF's offload pins host memory: it needs an accelerator"
-
-
-def _need_fit() -> Optional[str]:
-    try:
-        from .. import fit  # noqa: F401
-    except ImportError as e:
-        return f"moe_offload.fit does not import ({e})"
-    return None
-
-
 # Run order: HF checkpointing first (its longest is every row's comparison length), then
 # ours (the targets), then the peers, save_on_cpu last (it pins the head's and loss's saved
 # tensors too: tens of GB of host memory per step at long lengths, its steps are the slowest).
-FULL_STRATEGIES = (
-    FullStrategy("checkpoint", "peer", "HF gradient checkpointing (torch, non-reentrant)",
-                 peer="checkpoint"),
-    FullStrategy("ours", "ours", "moe_offload.fit: our experts + the plan that fits the device",
-                 needs=_need_fit),
-    FullStrategy("none", "baseline", "no saving trick", peer="none"),
-    FullStrategy("liger+ckpt", "peer", "HF checkpointing + Liger fused linear cross-entropy",
-                 peer="checkpoint", loss="liger", needs=_need_liger),
-    FullStrategy("sac", "peer", "torch selective checkpointing (save mm/grouped_mm/SDPA)",
-                 peer="sac"),
-    FullStrategy("hf_offload", "peer", "HF checkpointing with offload=True (save_on_cpu per layer)",
-                 peer="hf_offload", needs=_need_cuda),
-    FullStrategy("torchtune+ckpt", "peer", "torchtune OffloadActivations + HF checkpointing",
-                 peer="torchtune+ckpt", needs=_need_torchtune),
-    FullStrategy("save_on_cpu+ckpt", "peer", "torch save_on_cpu (pinned) + HF checkpointing",
-                 peer="save_on_cpu+ckpt"),
-)
+FULL_ORDER = ("checkpoint", "ours", "none", "liger+ckpt", "sac", "hf_offload", "torchtune+ckpt",
+              "save_on_cpu+ckpt")
+
+
+def full_strategies() -> list:
+    """The registry's strategies of the full-depth run (``kinds`` has ``"full"``), in
+    :data:`FULL_ORDER`."""
+    rows = {s.name: s for s in strategies_for("full")}
+    return [rows[n] for n in FULL_ORDER if n in rows] + [s for n, s in rows.items() if n not in FULL_ORDER]
 
 
 # ------------------------------------------------------------------ the model
@@ -143,7 +85,6 @@ def build_full(dims: dict, device: str, dtype: torch.dtype, seed: int, layers: i
                max_tokens: int):
     """The HF model (random weights on ``device``), LoRA (or trainable attention + router)
     applied, and ``(model, trainable_params, setup_note)``."""
-    from .real_model import build_qwen3
     model, _ = build_qwen3(dims, max(max_tokens, 4096), device, dtype, seed, layers=layers)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -199,7 +140,7 @@ def loss_fn_for(model, ids: torch.Tensor, loss: str) -> Callable[[], torch.Tenso
 
 
 # ------------------------------------------------------------------ the run
-def _new_row(s: FullStrategy) -> dict:
+def _new_row(s) -> dict:
     return {"strategy": s.name, "owner": s.owner, "description": s.description, "status": "ok",
             "note": "", "probes": [], "line": None, "time_model": None, "predicted_longest": None,
             "longest": None, "longest_capped": False, "attempts": [], "peak_bytes": None,
@@ -236,11 +177,11 @@ def _probe(run: FullRun, row: dict, loss_for: Callable[[int], Callable]) -> bool
     return True
 
 
-def _peer_row(run: FullRun, s: FullStrategy, row: dict, ref_tokens: Optional[int]) -> None:
+def _peer_row(run: FullRun, s, row: dict, ref_tokens: Optional[int]) -> None:
     """Probe, predict the longest length, confirm it (stepping down on out of memory),
     then the step at ``ref_tokens`` (HF checkpointing's longest)."""
     model = run.model
-    installed = install_peer(s.peer, model, run.layers, run.cuda)
+    installed = s.install(model_workload(model, run.layers, run.cuda), Context())
     try:
         ids_cache = {}
 
@@ -372,12 +313,13 @@ def run_full(cfg, log=sys.stderr, on_row: Optional[Callable[[dict], None]] = Non
     rows, ours_info = [], {}
     wanted = set(cfg.strategies) if cfg.strategies else None
     ref_tokens = None
-    for s in FULL_STRATEGIES:
+    strategies = full_strategies()
+    for s in strategies:
         if wanted is not None and s.name not in wanted and s.name != "checkpoint":
             continue
         row = _new_row(s)
-        why = s.unavailable()
-        print(f"[{len(rows) + 1}/{len(FULL_STRATEGIES)}] {s.name} ({deadline.left():.0f} s left)",
+        why = s.requires() if s.requires else None
+        print(f"[{len(rows) + 1}/{len(strategies)}] {s.name} ({deadline.left():.0f} s left)",
               file=log, flush=True)
         if why:
             row.update(status="skipped", note=why)
@@ -390,6 +332,8 @@ def run_full(cfg, log=sys.stderr, on_row: Optional[Callable[[dict], None]] = Non
                     ours_info = ours_row(run, row, ref_tokens) or {}
                 else:
                     _peer_row(run, s, row, ref_tokens if s.name != "checkpoint" else None)
+            except Skip as e:
+                row.update(status="skipped", note=str(e))
             except Exception as e:   # noqa: BLE001 - a failing row is reported, not fatal
                 row.update(status="error", note=f"{type(e).__name__}: {e}"[:400])
                 trainer.opt.zero_grad(set_to_none=False)

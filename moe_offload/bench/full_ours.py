@@ -47,7 +47,7 @@ def math_changing(plan) -> list:
     """The plan's options that change the math (the chunked LM-head loss), as text: its
     head option when the planner's figures mark it inexact, else any choice or description
     naming a chunked loss."""
-    from .real_model import plan_math_changing
+    from .strategies import plan_math_changing
     try:
         if plan_math_changing(plan):
             return [f"head {plan.prediction.head}"]
@@ -73,10 +73,10 @@ def ours_row(run, row: dict, ref_tokens: Optional[int]) -> dict:
     """Fill ``row`` (see the module docstring); returns ``{"text", "budget", ...}`` for
     the report."""
     from .. import fit
-    from .peers import use_our_experts
+    from .workloads import model_workload
     model, cuda, unit = run.model, run.cuda, run.unit
     device = "cuda" if cuda else "cpu"
-    if not use_our_experts(model):
+    if not model_workload(model, run.layers, cuda).use_our_experts():
         raise RuntimeError("our experts do not run on this model (use_moe_offload_experts refused)")
     info = {"text": ""}
     try:
@@ -204,13 +204,12 @@ def ours_row(run, row: dict, ref_tokens: Optional[int]) -> dict:
 
 def _bitwise(run, row: dict, plan, step) -> None:
     """One deterministic check step at ``unit`` tokens with ``plan`` applied vs without."""
-    from .measure import grads_bitwise_equal
-    from .real_model import _check_step, _row_check
+    from .measure import check_step, first_check_step, grads_bitwise_equal, max_rel_error
     params = run.trainer.params
     run.say(f"    bitwise check at {run.unit} tokens")
     h = plan.apply()
     try:
-        got, mode, errors = _row_check(step, params, run.cuda)
+        got, mode, errors = first_check_step(step, params, run.cuda)
     finally:
         h.remove()
         for p in params:
@@ -219,7 +218,7 @@ def _bitwise(run, row: dict, plan, step) -> None:
     if got is None:
         row["bitwise_detail"] = "every check step raised: " + "; ".join(errors)
         return
-    ref = _check_step(step, params, run.cuda, mode)
+    ref = check_step(step, params, run.cuda, mode)
     for p in params:
         p.grad = None
     eq = grads_bitwise_equal(got, ref)
@@ -228,11 +227,8 @@ def _bitwise(run, row: dict, plan, step) -> None:
     detail = (f"{len(ref)} trainable tensors at {run.unit} tokens, check mode {mode}, plan "
               f"{'of ' + str(row['longest']) + ' tokens' if row['longest'] else 'of fit at ' + str(run.unit)}")
     if not eq:
-        num = max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, ref)
-                  if a is not None and b is not None)
-        den = max(float(b.double().abs().max()) for b in ref if b is not None) or 1.0
-        row["grad_max_rel_error"] = num / den
-        detail += (f"; max |diff| / max |grad| = {num / den:.2e}"
+        row["grad_max_rel_error"] = max_rel_error(got, ref)
+        detail += (f"; max |diff| / max |grad| = {row['grad_max_rel_error']:.2e}"
                    + (f" (math-changing options: {', '.join(row['math_changing'])})"
                       if row["math_changing"] else " (no math-changing option: a transport bug)"))
     row["bitwise_detail"] = detail

@@ -30,8 +30,9 @@ from torch import nn
 from ..plan.measure import time_step
 
 __all__ = ["StepTimes", "RowMemory", "MemoryMeasurementError", "time_steps", "loss_with_grad",
-           "measure_memory", "allocate_grads", "capture_grads", "grads_bitwise_equal",
-           "trace_memory"]
+           "measure_memory", "allocate_grads", "grads_of", "grads_bitwise_equal", "max_rel_error",
+           "trace_memory", "CHECK_MODES", "deterministic_check", "check_attention_backends",
+           "check_step", "first_check_step"]
 
 MiB = 1 << 20
 
@@ -70,12 +71,15 @@ def time_steps(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Te
 class _OutputGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, dy):
-        ctx.dy = dy                  # an attribute, not a saved tensor: no hook sees it
+        # Attributes, not saved tensors: no hook sees them.  ``y`` is held until the
+        # backward, as a loss holds its input: the output counts in the step's memory.
+        ctx.dy, ctx.y = dy, y
         return y.new_zeros(())
 
     @staticmethod
     def backward(ctx, _):
-        return ctx.dy, None
+        dy, ctx.dy, ctx.y = ctx.dy, None, None
+        return dy, None
 
 
 def loss_with_grad(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -259,11 +263,11 @@ def trace_memory(layers: Sequence[torch.nn.Module], forward: Callable[[], torch.
 
 
 # ------------------------------------------------------------------------------ grads
-def capture_grads(x: torch.Tensor, params: Sequence[torch.Tensor], to_cpu: bool = False) -> list:
-    """``x.grad`` and each parameter's ``.grad`` (``None`` kept as ``None``), cloned, or
-    copied to the host with ``to_cpu`` (keeps device memory figures clean)."""
-    return [None if t.grad is None else (t.grad.detach().to("cpu", copy=True) if to_cpu else t.grad.detach().clone())
-            for t in [x, *params]]
+def grads_of(params: Sequence[torch.Tensor], to_cpu: bool = True) -> list:
+    """Each tensor's ``.grad`` (``None`` kept as ``None``), copied to the host (``to_cpu``:
+    keeps device memory figures clean) or cloned."""
+    return [None if t.grad is None else (t.grad.detach().to("cpu", copy=True) if to_cpu
+                                         else t.grad.detach().clone()) for t in params]
 
 
 def grads_bitwise_equal(got: Sequence[Optional[torch.Tensor]],
@@ -280,3 +284,112 @@ def grads_bitwise_equal(got: Sequence[Optional[torch.Tensor]],
         elif a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b.to(a.device)):
             return False
     return True
+
+
+def max_rel_error(got: list, ref: list) -> float:
+    """``max |got - ref| / max |ref|`` over every gradient (float64)."""
+    num = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, ref)
+               if a is not None and b is not None), default=0.0)
+    den = max((float(b.double().abs().max()) for b in ref if b is not None), default=0.0)
+    return num / den if den else num
+
+
+# ------------------------------------------------------------------------ check steps
+# Bitwise gradients: a row's gradients come from one *check* step under
+# deterministic_check: strict torch.use_deterministic_algorithms(True) (warn_only=False:
+# with warn_only torch 2.11 warns and still runs cuDNN attention's non-deterministic
+# backward, which made every row of the first H200 run read NO), CUBLAS_WORKSPACE_CONFIG
+# set before cuBLAS starts, SDPA limited to flash attention (deterministic backward in
+# strict mode) or math, and integer histc exempted (exact in any order).  A step that
+# raises in strict mode (an op without a deterministic kernel) is retried in "math" mode.
+
+class _IntegerHistc(torch.overrides.TorchFunctionMode):
+    """Lets ``torch.histc`` on *integer* input run in strict deterministic mode.
+
+    torch flags ``histc`` on CUDA as non-deterministic for every dtype (float bins are
+    atomic float adds), so strict mode raises on Hugging Face's expert counts (its
+    ``grouped_mm`` experts and the router aux loss count tokens per expert with an int32
+    ``histc``).  Integer atomic adds give the same counts in any order: the result is
+    bitwise reproducible, so the flag is lifted for exactly that call.  The mode is part
+    of autograd's thread-local state, so it also covers recomputation in backward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.histc, torch.Tensor.histc) and args and \
+                isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            torch.use_deterministic_algorithms(False)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                torch.use_deterministic_algorithms(True, warn_only=False)
+        return func(*args, **kwargs)
+
+
+def check_attention_backends(cuda: bool) -> list:
+    """The SDPA backends a strict check step allows: on CUDA flash attention (whose backward
+    takes its deterministic kernel under strict deterministic mode; torch 2.11's cuDNN
+    attention backward has no such switch) with math as the fallback; on the CPU every
+    backend (the CPU kernels are deterministic)."""
+    from torch.nn.attention import SDPBackend
+    if cuda:
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    return [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH) if b is not None]
+
+
+CHECK_MODES = ("strict", "math")
+
+
+@contextlib.contextmanager
+def deterministic_check(cuda: bool, mode: str = "strict"):
+    """The context of a check step.
+
+    ``"strict"``: ``torch.use_deterministic_algorithms(True)`` with ``warn_only=False``,
+    integer ``histc`` exempted, SDPA limited to :func:`check_attention_backends`.
+    ``"math"`` (the fallback when a strict step raised): deterministic algorithms with
+    ``warn_only=True`` and SDPA limited to the math backend.  cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` set before it starts (the CLI sets ``:4096:8`` first
+    thing); it is checked here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if mode not in CHECK_MODES:
+        raise ValueError(f"mode must be one of {CHECK_MODES}, got {mode!r}")
+    if cuda and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        raise RuntimeError("deterministic check: CUBLAS_WORKSPACE_CONFIG must be :4096:8 or "
+                           ":16:8 before CUDA starts (python -m moe_offload sets it)")
+    old = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    strict = mode == "strict"
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    backends = check_attention_backends(cuda) if strict else [SDPBackend.MATH]
+    try:
+        with sdpa_kernel(backends), (_IntegerHistc() if strict else contextlib.nullcontext()):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+def check_step(step: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], cuda: bool,
+               mode: str = "strict") -> list:
+    """One seeded step under :func:`deterministic_check` -> the gradients, on the host."""
+    for p in params:
+        p.grad = None
+    torch.manual_seed(1234)
+    with deterministic_check(cuda, mode):
+        loss = step()
+        loss.backward()
+    del loss
+    return grads_of(params)
+
+
+def first_check_step(step, params, cuda: bool) -> tuple:
+    """``(grads, mode, errors)``: the first check mode whose step does not raise
+    (``(None, None, errors)`` when every mode raised)."""
+    errors = []
+    for mode in CHECK_MODES:
+        try:
+            return check_step(step, params, cuda, mode), mode, errors
+        except RuntimeError as e:
+            errors.append(f"{mode}: {type(e).__name__}: {e}"[:200])
+            for p in params:
+                p.grad = None
+    return None, None, errors

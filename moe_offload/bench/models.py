@@ -1,4 +1,5 @@
-"""The models the benchmark runs: stacks of ``L`` expert layers, ``x = layer(x)``.
+"""The layers of the synthetic stacks (built into workloads by
+:mod:`~moe_offload.bench.workloads`): ``L`` expert layers run as ``x = layer(x)``.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``F`` ffn hidden, ``X = 2F`` fc1 width,
 ``E`` experts (= groups ``G``), ``L`` layers.
@@ -20,17 +21,11 @@ device (a host sync in the MoE path is what we avoid).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BenchConfig
-
-__all__ = ["Stack", "UnfusedSwiGLU", "FusedLayer", "make_split_sizes", "build_stacks",
-           "make_inputs"]
+__all__ = ["UnfusedSwiGLU", "FusedLayer", "MoELayer", "make_split_sizes"]
 
 
 def make_split_sizes(tokens: int, experts: int, kind: str, seed: int,
@@ -99,85 +94,3 @@ class MoELayer(nn.Module):
         """The block's output (its backward also back-propagates the aux loss)."""
         out = self.moe(x_TH)
         return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@dataclass
-class Stack:
-    """``L`` layers run as ``x = layer(x)``; ``name`` is ``fused``, ``fused/fc1``,
-    ``fused/<recipe>``, ``unfused`` or ``moe``."""
-    name: str
-    layers: nn.ModuleList
-    recipe: Optional[str] = None
-    note: str = ""
-
-    def parameters(self) -> list:
-        """The distinct parameters of the stack, in a fixed order."""
-        seen, out = set(), []
-        for p in self.layers.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain forward (no strategy)."""
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def _share_parameters(dst: nn.Module, src: nn.Module) -> None:
-    """Make ``dst`` use ``src``'s very Parameter objects (same names)."""
-    for name, p in src.named_parameters(recurse=False):
-        setattr(dst, name, p)
-
-
-def build_stacks(cfg: BenchConfig, recipe: Optional[str]) -> dict:
-    """Build the stacks ``cfg`` needs, keyed by name (weights seeded by ``cfg.seed``).
-
-    ``recipe``: the quantized variant to build (``None``: none)."""
-    from ..ops.grouped_mlp import GroupedMLP  # late: keeps `--help` light
-
-    device, dtype = torch.device(cfg.device), cfg.torch_dtype
-    torch.manual_seed(cfg.seed)
-    stacks = {}
-    if cfg.model == "moe":
-        from ..ops.moe import MoE
-        layers = nn.ModuleList(
-            MoELayer(MoE(cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k, device=device, dtype=dtype))
-            for _ in range(cfg.layers))
-        stacks["moe"] = Stack("moe", layers)
-        return stacks
-
-    split_sizes_E = make_split_sizes(cfg.tokens, cfg.experts, cfg.splits, cfg.seed, device)
-    offs_G = torch.cumsum(split_sizes_E, 0).to(torch.int32)  # on the device: no sync
-    base = [GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device=device, dtype=dtype)
-            for _ in range(cfg.layers)]
-    if cfg.stack in ("fused", "both"):
-        stacks["fused"] = Stack("fused", nn.ModuleList(FusedLayer(m, offs_G) for m in base))
-        variants = [("fused/fc1", dict(recompute="fc1"), None)]
-        if recipe is not None:
-            variants.append((f"fused/{recipe}", dict(recipe=recipe), recipe))
-        for name, kw, rec in variants:
-            layers = []
-            for m in base:
-                v = GroupedMLP(cfg.experts, cfg.hidden, cfg.ffn, device="meta", dtype=dtype, **kw)
-                _share_parameters(v, m)
-                layers.append(FusedLayer(v, offs_G))
-            stacks[name] = Stack(name, nn.ModuleList(layers), recipe=rec)
-    if cfg.stack in ("unfused", "both"):
-        layers = [UnfusedSwiGLU(m.fc1_weight.detach().transpose(1, 2).contiguous(),
-                                m.fc2_weight.detach().transpose(1, 2).contiguous(), offs_G)
-                  for m in base]
-        stacks["unfused"] = Stack("unfused", nn.ModuleList(layers))
-    return stacks
-
-
-def make_inputs(cfg: BenchConfig) -> tuple:
-    """``(x_TH, dy_TH)``: the leaf input (requires grad) and the output gradient."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.tokens, cfg.hidden, generator=gen)
-    dy = torch.randn(cfg.tokens, cfg.hidden, generator=gen)
-    device, dtype = torch.device(cfg.device), cfg.torch_dtype
-    x = x.to(device=device, dtype=dtype).requires_grad_(True)
-    return x, dy.to(device=device, dtype=dtype)

@@ -1,58 +1,60 @@
-"""Run every (stack, strategy) pair of a :class:`BenchConfig` and derive the figures.
+"""The one row loop: every (workload, strategy) pair of a run, measured the same way.
 
-All strategies run in one process, on the same weights (variants share ``Parameter``
-objects) and the same ``x``/``dy``.  Per pair: ``warmup`` untimed steps, ``iters``
-timed steps (median), then one step measuring memory, bytes moved and gradients.  A
-strategy that fails or does not apply becomes a row with ``status`` ``"error"`` or
-``"skipped"`` and a note; the run goes on.
+All rows run in one process on the same weights and inputs (stack variants share their
+``Parameter`` objects).  Per row (:func:`measure_row`), with the strategy installed:
+``warmup`` untimed steps, ``iters`` timed steps (median), one step measuring activation
+memory (allocated after the forward minus before) and the step peak (``peak_step_bytes``:
+max allocated above the step start, parameter gradients allocated, as
+``torch.cuda.max_memory_allocated`` sees it), the bytes moved each way, then one seeded
+*check* step under :func:`~moe_offload.bench.measure.deterministic_check` for the
+gradients.  Once the strategy is removed, those gradients are compared with a check step
+of the row's reference (its workload with nothing installed, in the same check mode and
+model state; ``none`` against itself: a kernel that is not deterministic shows as ``none``
+failing, not as a false alarm on a plan row).  A strategy that fails or does not apply is
+a row with ``status`` ``"error"`` / ``"skipped"`` and a note; the run goes on.
 
-Derived per row (:func:`derive`): ratios to ``none`` of the same stack (``time_x``,
-``act_x``, and ``peak_x`` of the step peak above the step start) and to ``none`` of the unfused stack (``*_vs_unfused``), achieved
-copy rates, and the transfer lower bound
-``lb_s = max(fwd_base, d2h/bw_d2h) + max(bwd_base, h2d/bw_h2d)`` where ``base`` is the
-strategy's variant without offload (``none``, ``fc1_recompute`` or the recipe).
-Rows of ours run a plan of the general planner (:mod:`moe_offload.bench.strategies`) on
-the stack's figures, measured once per stack by :func:`~moe_offload.plan.measure_model`
-(the step ``loss_with_grad(stack(x), dy)``: its backward is ``y.backward(dy)``); they also
-get ``step_over_predicted`` (measured step / the planner's prediction),
-``act_minus_predicted_bytes`` and ``peak_minus_predicted_bytes``.
+Derived per row (:func:`derive`): ratios to ``none`` of the same base workload
+(``time_x``, ``act_x``, ``peak_x``) and to the unfused stack's ``none`` (``*_vs_unfused``),
+achieved copy rates, the transfer lower bound ``lb_s = max(fwd_base, d2h/bw_d2h) +
+max(bwd_base, h2d/bw_h2d)`` (``base``: the row's variant without offload), and for plans
+the measured against the predicted step and peak.
 """
 from __future__ import annotations
 
 import datetime
+import gc
+import os
 import platform
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
-from ..plan import measure_model
 from ..plan.measure import pinned_bandwidth
 from .config import BenchConfig
-from .measure import (allocate_grads, capture_grads, grads_bitwise_equal, loss_with_grad,
-                      measure_memory, time_steps, trace_memory)
-from .models import build_stacks, make_inputs
-from .strategies import PEER_FAMILIES, PlanInfo, Skip, Strategy, plan_dict, strategy_list
+from .measure import (allocate_grads, check_step, first_check_step, grads_bitwise_equal,
+                      max_rel_error, measure_memory, time_steps, trace_memory)
+from .report import calibration_text
+from .strategies import Context, Skip, plan_math_changing, strategies_for
+from .workloads import build_workloads
 
-__all__ = ["environment", "plan_runs", "run_bench", "derive", "progress", "min_offload_bytes",
-           "best_offload_row", "stack_figures"]
-
-_VARIANT_BASE = {"": "none", "fc1": "fc1_recompute"}  # "recipe" -> the recipe's name
+__all__ = ["environment", "plan_runs", "run_bench", "measure_row", "derive", "progress",
+           "best_offload_row", "plan_dict"]
 
 
 def environment(cfg: BenchConfig) -> dict:
     """Torch version, device name, measured copy bandwidth, date."""
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
-    bw = _bandwidth(device, cuda)
     return {
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "device": torch.cuda.get_device_name(device.index) if cuda
         else f"cpu ({platform.processor() or platform.machine()})",
         "cuda": torch.version.cuda if cuda else None,
-        "bandwidth": bw,
+        "bandwidth": _bandwidth(device, cuda),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -88,216 +90,220 @@ def progress(items: list, enabled: bool, desc: str = "bench"):
     return tqdm(items, desc=desc, file=sys.stderr)
 
 
+# ------------------------------------------------------------------ which rows
 def _recipe(cfg: BenchConfig) -> Optional[str]:
     return None if cfg.recipe == "none" else cfg.recipe
 
 
-def _variant_stack(base: str, s: Strategy, recipe: Optional[str]) -> str:
-    if s.variant == "":
-        return base
-    return f"{base}/fc1" if s.variant == "fc1" else f"{base}/{recipe}"
-
-
-def _base_name(s: Strategy, recipe: Optional[str]) -> str:
-    return _VARIANT_BASE.get(s.variant, recipe)
-
-
 def plan_runs(cfg: BenchConfig) -> list:
-    """``[(stack_name, Strategy)]`` in run order.
+    """``[(workload name, Strategy)]`` in run order.
 
-    ``--stack both`` runs only the baseline and the peers on the unfused stack (system vs
-    system) and everything on the fused one (engine vs engine).  ``none`` of every stack,
-    the base of every selected variant and what a strategy ``needs`` always run (ratios,
-    references and the planner need them).  Strategies marked ``after_peers`` run last,
-    after every stack's peers (their budgets are the peers' measured memory)."""
+    ``--strategies`` picks by name, family or owner; ``none``, a variant's base row and what
+    a strategy ``needs`` always run (ratios, references and budgets need them).  On the
+    stacks, ``--stack both`` runs only the baseline and the peers on the unfused stack
+    (system vs system) and everything on the fused one (engine vs engine).  Strategies
+    marked ``after_peers`` run last (their budgets are the peers' measured peaks)."""
     recipe = _recipe(cfg)
-    rows = strategy_list(recipe)
+    rows = strategies_for("hf" if cfg.model == "qwen3" else "stack", recipe)
+    base_of = {"": "none", "fc1": "fc1_recompute", "recipe": recipe}
     chosen = set(cfg.strategies or [s.name for s in rows])
-    wanted = {s.name for s in rows if s.name in chosen or s.family in chosen}
+    wanted = {s.name for s in rows if chosen & {s.name, s.family, s.owner}}
     for s in rows:
         if s.name in wanted:
-            wanted.add("none")
-            wanted.add(_base_name(s, recipe))
-            wanted.update(s.needs)
-    bases = ["moe"] if cfg.model == "moe" else [b for b in ("fused", "unfused")
-                                                if cfg.stack in (b, "both")]
-    plan = []
+            wanted.update(("none", base_of[s.variant], *s.needs))
+    if cfg.model == "qwen3":
+        bases = ["qwen3"]
+    else:
+        bases = ["moe"] if cfg.model == "moe" else [b for b in ("fused", "unfused")
+                                                    if cfg.stack in (b, "both")]
+    out = []
     for base in bases:
         for s in rows:
-            if s.name not in wanted:
+            if s.name not in wanted or (base != "fused" and s.fused_only) or \
+                    (base == "unfused" and cfg.stack == "both" and s.owner == "ours"):
                 continue
-            if base != "fused" and s.fused_only:
-                continue
-            if base == "unfused" and cfg.stack == "both" and s.owner == "ours":
-                continue
-            plan.append((_variant_stack(base, s, recipe), s))
-    return [p for p in plan if not p[1].after_peers] + [p for p in plan if p[1].after_peers]
+            name = base if not s.variant else f"{base}/{'fc1' if s.variant == 'fc1' else recipe}"
+            out.append((name, s))
+    return [p for p in out if not p[1].after_peers] + [p for p in out if p[1].after_peers]
 
 
-def min_offload_bytes(cfg: BenchConfig) -> int:
-    """The engine's size threshold: its 256 KiB default, lowered to an eighth of ``x`` for
-    small problems so that the tiny CPU run moves real bytes."""
-    itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-    return min(256 * 1024, cfg.tokens * cfg.hidden * itemsize // 8)
+# ------------------------------------------------------------------ one row
+def plan_dict(plan) -> dict:
+    """A plan's row fields (JSON-able; see :mod:`moe_offload.bench.report`)."""
+    p = plan.prediction
+    return {"choices": [str(c) for c in plan.choices] + (["loss:ckpt"] if p.loss_checkpoint else []),
+            "prefetch_layers": plan.prefetch_layers, "offloaded_layers": p.engine_layers,
+            "budget_bytes": plan.budget_bytes, "predicted_s": plan.predicted_step_s,
+            "predicted_fwd_s": p.fwd_s, "predicted_bytes": plan.predicted_activation_bytes,
+            "predicted_peak_bytes": plan.predicted_peak_bytes, "peak_moment": plan.peak_moment,
+            "head": plan.head, "math_changing": plan_math_changing(plan), "describe": plan.describe()}
 
 
-def stack_figures(cfg: BenchConfig, stack, x: torch.Tensor, dy: torch.Tensor, variant: bool,
-                  bandwidth: dict) -> tuple:
-    """The planner's figures of ``stack`` (``measure_model``'s ``(layers, ModelFigures)``):
-    the step is ``loss_with_grad(stack(x), dy)``, timed ``warmup + iters`` times per
-    recompute option at the run's engine threshold and measured bandwidth.  ``variant``
-    (``fused/fc1``, ``fused/<recipe>``): only ``none`` is measured, so plans on a variant
-    only offload.  ``x.grad`` is reset afterwards (the model's own state is restored by
-    ``measure_model``)."""
+def measure_row(row: dict, w, inst, step: Callable[[], torch.Tensor], cfg: BenchConfig) -> None:
+    """Time, memory and bytes moved of ``step`` (the strategy ``inst`` installed on ``w``)."""
+    cuda = w.cuda
+
+    def before():
+        w.clear_grads()
+        inst.reset()
+
+    def backward(loss):
+        loss.backward()
+
+    retries = (lambda: torch.cuda.memory_stats().get("num_alloc_retries", 0)) if cuda else (lambda: 0)
+    r0 = retries()
+    for _ in range(cfg.warmup):
+        before()
+        backward(step())
+    r1 = retries()
+    t = time_steps(step, backward, cfg.iters, cuda, before)
+    # Allocator retries (cached blocks freed and cudaMalloc retried: a device-wide sync)
+    # during the timed steps: a diagnostic for steps slower than predicted.
+    row["alloc_retries"] = {"warmup": int(r1 - r0), "timed": int(retries() - r1)}
+    before()
+    allocate_grads([p for p in w.params if isinstance(p, nn.Parameter)])   # as after step 1
+    gc.collect()
+    inst.reset()                          # the bytes moved by the memory step only
+    mem = measure_memory(step, backward, cuda, min_act_bytes=w.output_bytes)
+    d2h, h2d = inst.moved_bytes()
+    row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,
+               act_bytes=mem.act_bytes, peak_bytes=mem.peak_bytes, base_bytes=mem.base_bytes,
+               peak_step_bytes=mem.peak_bytes - mem.base_bytes, memory_source=mem.source,
+               d2h_bytes=int(d2h), h2d_bytes=int(h2d), engine_stats=inst.stats())
+
+
+def _check(row: dict, w, step) -> Optional[tuple]:
+    """The row's check step, while installed -> ``(grads, mode)`` to compare once removed."""
+    grads, mode, errors = first_check_step(step, w.params, w.cuda)
+    row["check_mode"] = mode
+    if errors:
+        row["check_errors"] = errors
+    if grads is None:
+        row["note"] = (row["note"] + "; " if row["note"] else "") + "every check step raised: " + \
+            "; ".join(errors)
+        return None
+    return grads, mode
+
+
+def _compare(row: dict, pending: tuple, ref_w, refs: dict) -> None:
+    """Bitwise against ``ref_w``'s check step (nothing installed; cached per state and mode)."""
+    grads, mode = pending
+    key = (ref_w.name, ref_w.state, mode)
     try:
-        return measure_model(stack.layers, lambda: loss_with_grad(stack.forward(x), dy), stack.layers,
-                             min_offload_bytes=min_offload_bytes(cfg),
-                             options=("none",) if variant else None, iters=max(1, cfg.iters),
-                             warmup=cfg.warmup, bandwidth=(bandwidth["d2h_Bps"], bandwidth["h2d_Bps"]),
-                             emulate=not cfg.is_cuda)
+        if key not in refs:
+            refs[key] = check_step(ref_w.step, ref_w.params, ref_w.cuda, mode)
+        row["bitwise_equal"] = grads_bitwise_equal(grads, refs[key])
+        if not row["bitwise_equal"]:
+            row["grad_max_rel_error"] = max_rel_error(grads, refs[key])
+            if row["strategy"] == "none":
+                row["note"] = "two deterministic check steps differ: bitwise checks unreliable"
+    except RuntimeError as e:
+        row["bitwise_equal"] = None
+        row["note"] = f"reference check step raised: {type(e).__name__}: {e}"[:300]
     finally:
-        x.grad = None
+        ref_w.clear_grads()
 
 
-def _peer_peak_bytes(rows: list) -> dict:
-    """``{peer strategy: smallest step peak (peak_step_bytes) over the stacks it ran on}``,
-    plus ``"none"``: the *largest* no-offload peak over the stacks (the unfused stack's when
-    it ran: half of it is the system-level "hideable" budget)."""
-    out = {}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        b = r["peak_step_bytes"]
-        if r["strategy"] in PEER_FAMILIES:
-            out[r["strategy"]] = min(out.get(r["strategy"], b), b)
-        if r["strategy"] == "none":
-            out["none"] = max(out.get("none", b), b)
-    return out
+def _peer_figures(ctx: Context, row: dict) -> None:
+    """A peer's (or none's) measured peak and time, read by the plans' budgets."""
+    if row["owner"] in ("peer", "baseline") and row["status"] == "ok":
+        b, name = row["peak_step_bytes"], row["strategy"]
+        ctx.peak_of[name] = max(ctx.peak_of.get(name, b), b) if name == "none" else \
+            min(ctx.peak_of.get(name, b), b)
+        ctx.step_of.setdefault(name, row["step_s"])
 
 
-def _plan_fields(row: dict, runner) -> None:
-    plan = getattr(runner, "plan", None)
-    row["plan"] = None if plan is None else plan_dict(plan)
-    row["prefetch_layers"] = None if plan is None else plan.prefetch_layers
-    row["offloaded_layers"] = None if plan is None else plan.prediction.engine_layers
-
-
-def _plan_text(row: dict) -> str:
+def _row_text(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"[{row['status']}] {row['note']}"
     p = row.get("plan")
-    if not p:
-        return ""
-    return (f"; plan {' '.join(p['choices'])} p={p['prefetch_layers']} predicted "
-            f"{p['predicted_s'] * 1e3:.2f} ms / peak {p['predicted_peak_bytes'] / 2**20:.1f} MiB")
+    return (f"step {row['step_s'] * 1e3:.2f} ms, act {row['act_bytes'] / 2**20:.1f} MiB, peak "
+            f"{row['peak_step_bytes'] / 2**20:.1f} MiB, d2h {row['d2h_bytes'] / 1e6:.1f} MB, bitwise "
+            f"{row['bitwise_equal']}" + ("" if not p else
+                                         f"; plan {' '.join(p['choices'])} p={p['prefetch_layers']} "
+                                         f"predicted {p['predicted_s'] * 1e3:.2f} ms / peak "
+                                         f"{p['predicted_peak_bytes'] / 2**20:.1f} MiB"))
 
 
 def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: None) -> dict:
-    """Run the plan of ``cfg``; returns ``{"config", "env", "rows", "traces"}``."""
+    """Run every row of ``cfg``; returns ``{"config", "env", "rows", "traces", "planner"}``."""
     cuda = cfg.is_cuda
-    if cuda and torch.device(cfg.device).index is not None:
-        torch.cuda.set_device(torch.device(cfg.device))
+    if cuda:   # deterministic cuBLAS for the check steps (read when cuBLAS starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if torch.device(cfg.device).index is not None:
+            torch.cuda.set_device(torch.device(cfg.device))
     env = environment(cfg)
-    recipe = _recipe(cfg)
-    stacks = build_stacks(cfg, recipe)
-    x, dy = make_inputs(cfg)
-    output_bytes = x.numel() * x.element_size()  # the stack output is (T, H) like x
-    plan = plan_runs(cfg)
-    rows, refs, by_key, infos, figures = [], {}, {}, {}, {}
-
-    def figures_of(stack_name: str) -> Callable[[], tuple]:
-        def get() -> tuple:
-            if stack_name not in figures:
-                figures[stack_name] = stack_figures(cfg, stacks[stack_name], x, dy,
-                                                    "/" in stack_name, env["bandwidth"])
-            return figures[stack_name]
-        return get
-
-    for stack_name, s in progress(plan, cfg.progress):
-        base_stack = stack_name.split("/")[0]
-        row = {"stack": stack_name, "base_stack": base_stack, "strategy": s.name, "family": s.family,
+    bw = env["bandwidth"]
+    workloads = build_workloads(cfg, (bw["d2h_Bps"], bw["h2d_Bps"]))
+    runs = plan_runs(cfg)
+    ctx, rows, refs = Context(), [], {}
+    base_of = {"": "none", "fc1": "fc1_recompute", "recipe": _recipe(cfg)}
+    for name, s in progress(runs, cfg.progress, cfg.model):
+        w = workloads.get(name)
+        row = {"stack": name, "base_stack": name.split("/")[0], "strategy": s.name, "family": s.family,
                "owner": s.owner, "description": s.description, "reference": s.reference,
-               "status": "ok", "note": "", "output_bytes": output_bytes}
-        stack = stacks.get(stack_name)
+               "status": "ok", "note": "", "output_bytes": w.output_bytes if w else 0, "plan": None,
+               "prefetch_layers": None, "offloaded_layers": None, "bitwise_equal": None}
+        inst, pending = None, None
         try:
-            if stack is None:
-                raise Skip(f"stack {stack_name} was not built")
-            info = PlanInfo(num_layers=cfg.layers, cuda=cuda, model=stack.layers,
-                            figures=figures_of(stack_name), min_offload_bytes=min_offload_bytes(cfg),
-                            peer_peak_bytes=_peer_peak_bytes(rows))
-            infos[(stack_name, s.name)] = info
-            runner = s.make(info)
-            try:
-                _plan_fields(row, runner)
-                _measure(row, runner, stack, x, dy, cfg, cuda, refs, s)
-            finally:
-                runner.close()
+            if w is None:
+                raise Skip(f"workload {name} was not built")
+            why = s.requires() if s.requires else None
+            if why:
+                raise Skip(why)
+            inst = s.install(w, ctx)
+            row.update(inst.fields)
+            if inst.plan is not None:
+                row["plan"] = plan_dict(inst.plan)
+                row["prefetch_layers"] = inst.plan.prefetch_layers
+                row["offloaded_layers"] = inst.plan.prediction.engine_layers
+            # The row whose gradients this one must equal (bitwise): its variant's base row,
+            # or on our experts the experts:ours row (the bare step there).
+            row["reference"] = None if s.reference is None else (
+                "experts:ours" if w.state == "ours_experts" else
+                "none" if s.reference == "base" else base_of.get(s.variant, "none"))
+            step = inst.wrap(w.step)
+            measure_row(row, w, inst, step, cfg)
+            if s.reference is not None:
+                pending = _check(row, w, step)
         except Skip as e:
             row.update(status="skipped", note=str(e))
         except Exception as e:  # a failing strategy is a row, not the end of the run
             row.update(status="error", note=f"{type(e).__name__}: {e}"[:300])
         finally:
-            x.grad = None
-            if stack is not None:
-                for p in stack.parameters():
-                    p.grad = None
+            if inst is not None:
+                inst.remove()
+            if w is not None:
+                w.clear_grads()
+            gc.collect()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
+        if pending is not None:     # compared now that nothing is installed
+            _compare(row, pending, w if s.reference == "self" else workloads[w.base], refs)
+        _peer_figures(ctx, row)
         rows.append(row)
-        by_key[(stack_name, s.name)] = row
         if cfg.progress:  # so a log keeps the figures even if the run is cut short
-            print(f"  {stack_name} {s.name}: " + (
-                f"step {row['step_s'] * 1e3:.2f} ms, act {row['act_bytes'] / 2**20:.1f} MiB, "
-                f"d2h {row['d2h_bytes'] / 1e6:.1f} MB, bitwise {row['bitwise_equal']}"
-                if row["status"] == "ok" else f"[{row['status']}] {row['note']}") + _plan_text(row),
-                file=sys.stderr, flush=True)
+            print(f"  {name} {s.name}: {_row_text(row)}", file=sys.stderr, flush=True)
         on_row(row)
     derive(rows, env)
-    result = {"config": cfg.to_dict(), "env": env, "rows": rows, "traces": {}}
-    result["traces"] = _traces(cfg, stacks, rows, plan, x, dy, cuda, infos)
-    return result
+    traces = _traces(workloads, rows, dict((f"{n}:{s.name}", s) for n, s in runs), ctx) \
+        if cfg.model != "qwen3" else {}
+    planner = {w.name + (f" ({state})" if state else ""): _planner_summary(f)
+               for w in workloads.values() for state, (_, f) in w.measured_figures().items()}
+    return {"config": cfg.to_dict(), "env": env, "rows": rows, "traces": traces, "planner": planner}
 
 
-def _measure(row: dict, runner, stack, x, dy, cfg: BenchConfig, cuda: bool, refs: dict,
-             s: Strategy) -> None:
-    params = stack.parameters()
-
-    def before():
-        x.grad = None
-        for p in params:
-            p.grad = None
-        runner.begin_step()
-
-    def forward():
-        return runner.forward(stack.layers, x)
-
-    def backward(y):
-        y.backward(dy)
-
-    for _ in range(cfg.warmup):
-        before()
-        backward(forward())
-    t = time_steps(forward, backward, cfg.iters, cuda, before)
-    before()
-    allocate_grads(params)   # the step peak: activations + backward temporaries
-    mem = measure_memory(forward, backward, cuda, min_act_bytes=row["output_bytes"])
-    d2h, h2d = runner.moved_bytes()
-    row.update(fwd_s=t.fwd_s, bwd_s=t.bwd_s, step_s=t.step_s, all_step_s=t.all_step_s,
-               act_bytes=mem.act_bytes, peak_bytes=mem.peak_bytes, base_bytes=mem.base_bytes,
-               peak_step_bytes=mem.peak_bytes - mem.base_bytes,
-               memory_source=mem.source, d2h_bytes=int(d2h), h2d_bytes=int(h2d),
-               engine_stats=runner.stats())
-    key = (row["base_stack"], s.name)  # strategy names are unique within a base stack
-    grads = [x.grad] + [p.grad for p in params]
-    if s.reference is None:
-        row["bitwise_equal"] = None
-    else:
-        ref = refs.get((row["base_stack"], s.reference))
-        row["bitwise_equal"] = None if ref is None else grads_bitwise_equal(grads, ref)
-    # Keep grads of the strategies others compare against (on the host).
-    if s.name in ("none", "fc1_recompute") or s.family == "quantized" and s.reference is None:
-        refs[key] = capture_grads(x, params, to_cpu=True)
+def _planner_summary(f) -> dict:
+    """What the planner measured on a workload (JSON-able)."""
+    return {"calibration": dict(f.calibration), "calibration_text": calibration_text(f),
+            "step_none_s": f.step_none_s, "act_none_bytes": f.act_none_bytes,
+            "loss_saved_bytes": f.loss_saved_bytes, "loss_extra_s": f.loss_extra_s,
+            "d2h_Bps": f.d2h_Bps, "h2d_Bps": f.h2d_Bps, "layer_fwd_s": [lf.fwd_s for lf in f.layers],
+            "layer0_saved_bytes": {k: sum(v.values()) for k, v in f.layers[0].groups.items()}}
 
 
+# ------------------------------------------------------------------ after the rows
 def derive(rows: list, env: dict) -> None:
     """Add ratios, rates and the transfer lower bound to each ``ok`` row (in place)."""
     bw = env["bandwidth"]
@@ -317,7 +323,7 @@ def derive(rows: list, env: dict) -> None:
         r["peak_minus_predicted_bytes"] = r["peak_step_bytes"] - pl["predicted_peak_bytes"] if pl else None
         r["d2h_GBps"] = r["d2h_bytes"] / r["fwd_s"] / 1e9 if r["fwd_s"] > 0 else None
         r["h2d_GBps"] = r["h2d_bytes"] / r["bwd_s"] / 1e9 if r["bwd_s"] > 0 else None
-        base_name = {"fc1_recompute": "fc1_recompute", "quantized": None}.get(r["family"], "none")
+        base_name = {"fc1_recompute": "fc1_recompute"}.get(r["family"], "none")
         if r["family"] == "quantized":
             base_name = r["strategy"].split("+")[0]
         base = by.get((r["stack"], base_name)) or none
@@ -344,29 +350,24 @@ def best_offload_row(rows: list) -> Optional[dict]:
     return min(halved, key=lambda r: r["time_x"]) if halved else min(ours, key=lambda r: r["act_x"])
 
 
-def _traces(cfg, stacks, rows, plan, x, dy, cuda, infos) -> dict:
+def _traces(workloads: dict, rows: list, by_key: dict, ctx: Context) -> dict:
     """Memory-over-time traces of ``none`` and the best offload row (plain stack)."""
     best = best_offload_row(rows)
     out = {}
     for row in [r for r in rows if r["strategy"] == "none" and "/" not in r["stack"]
                 and r["status"] == "ok"][:1] + ([best] if best else []):
-        strategy = next(s for name, s in plan if s.name == row["strategy"] and name == row["stack"])
-        stack = stacks[row["stack"]]
-        info = infos.get((row["stack"], row["strategy"])) or PlanInfo(
-            cfg.layers, cuda, stack.layers, min_offload_bytes=min_offload_bytes(cfg))
+        key = f"{row['stack']}:{row['strategy']}"
+        w = workloads[row["stack"]]
         try:
-            runner = strategy.make(info)
+            inst = by_key[key].install(w, ctx)
             try:
-                x.grad = None
-                for p in stack.parameters():
-                    p.grad = None
-                runner.begin_step()
-                out[f"{row['stack']}:{row['strategy']}"] = trace_memory(
-                    list(stack.layers), lambda: runner.forward(stack.layers, x),
-                    lambda y: y.backward(dy), cuda)
+                w.clear_grads()
+                inst.reset()
+                out[key] = trace_memory(list(w.layers), inst.wrap(w.step), lambda loss: loss.backward(),
+                                        w.cuda)
             finally:
-                runner.close()
+                inst.remove()
+                w.clear_grads()
         except Exception as e:  # the trace is a picture; never fail the run for it
-            out[f"{row['stack']}:{row['strategy']}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    x.grad = None
+            out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out

@@ -110,7 +110,7 @@ def test_impossible_when_the_memory_bound_is_below_the_output():
 
 
 def test_comparisons_floor_from_the_none_rows_and_printed():
-    from moe_offload.bench.table import format_checks
+    from moe_offload.bench.report import format_checks
     MiB = 2**20
     rows = [
         dict(_row("fused", "none", "baseline", 1.0, 1.0, 0.94, 2 / 3), act_bytes=2048 * MiB,
@@ -145,3 +145,41 @@ def test_unverified_rows_do_not_count():
             dict(base, strategy="c", reference="none", bitwise_equal=False),
             dict(base, strategy="d", reference=None, bitwise_equal=None)]
     assert [p.name for p in _points(rows, "ours")] == ["b", "d"]
+
+
+def test_slice_targets():
+    from moe_offload.bench.checks import target_checks
+    rows = [
+        {"strategy": "checkpoint", "status": "ok", "act_bytes": 100, "peak_step_bytes": 300,
+         "time_x": 1.3, "act_x": 0.14, "peak_x": 0.25},
+        {"strategy": "plan@checkpoint", "status": "ok", "act_bytes": 99, "peak_step_bytes": 295,
+         "time_x": 1.08, "act_x": 0.139, "peak_x": 0.24, "step_s": 1.0, "step_over_predicted": 1.02,
+         "plan": {"predicted_bytes": 97, "predicted_peak_bytes": 290}, "bitwise_equal": True},
+        {"strategy": "plan@time", "status": "ok", "act_bytes": 60, "peak_step_bytes": 200, "time_x": 1.05,
+         "act_x": 0.3, "peak_x": 0.2, "step_over_predicted": 1.2,
+         "plan": {"predicted_bytes": 60, "predicted_peak_bytes": 150}, "bitwise_equal": False},
+    ]
+    got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
+    assert got["at checkpointing's peak"]["status"] == "PASS"
+    assert got["at <= 1.03x none's time"]["status"] == "FAIL"
+    assert got["at save_on_cpu+ckpt's peak"]["status"] == "n/a"
+    peak = got["predicted peak within 5% of measured (every plan row)"]
+    assert peak["status"] == "FAIL" and "plan@checkpoint +1.7%" in peak["detail"] and "+33.3%" in peak["detail"]
+    assert got["predicted step time within 5% of measured (every plan row)"]["status"] == "FAIL"
+    bit = got["gradients bitwise equal to none (every plan row but labelled math changes)"]
+    assert bit["status"] == "FAIL" and "plan@time" in bit["detail"]
+    rows[2]["plan"].update(math_changing=True, head="chunked")     # a labelled math change passes
+    rows[2]["grad_max_rel_error"] = 3e-3
+    bit = {c["target"]: c for c in target_checks(rows)}[
+        "gradients bitwise equal to none (every plan row but labelled math changes)"]
+    assert bit["status"] == "PASS" and "math-changing head chunked" in bit["detail"] and "3.0e-03" in bit["detail"]
+    rows[1]["peak_step_bytes"] = 320           # over checkpointing's measured peak: the target fails
+    assert target_checks(rows)[0]["status"] == "FAIL"
+    rows[1]["peak_step_bytes"] = 295
+    rows.append({"strategy": "plan@save_on_cpu+ckpt", "status": "ok", "time_x": 1.1, "act_x": 0.01,
+                 "peak_x": 0.1, "act_bytes": 10, "peak_step_bytes": 100, "requested_budget_bytes": 50,
+                 "note": "below the least peak any plan reaches", "step_over_predicted": 1.0,
+                 "plan": {"predicted_bytes": 10, "predicted_peak_bytes": 100}, "bitwise_equal": True})
+    got = {c["target"].split(":")[0]: c for c in target_checks(rows)}
+    assert got["at save_on_cpu+ckpt's peak"]["status"] == "FAIL"       # a budget out of reach
+    assert "out of reach" in got["at save_on_cpu+ckpt's peak"]["detail"]

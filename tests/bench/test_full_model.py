@@ -7,7 +7,7 @@ import torch
 
 from moe_offload.__main__ import main
 from moe_offload.bench.config import build_parser, config_from_args
-from moe_offload.bench.full_model import FULL_STRATEGIES, QWEN3_FULL, format_full_report, full_targets
+from moe_offload.bench.full_model import FULL_ORDER, QWEN3_FULL, format_full_report, full_strategies, full_targets
 from moe_offload.bench.full_steps import (Deadline, attention_c2, fmt_bytes, layers_that_fit,
                                           longest_fitting, peak_line, predict_time, time_model,
                                           weight_bytes)
@@ -93,21 +93,10 @@ def test_math_changing_options_are_named():
     assert math_changing(P([], "head: chunked loss")) == ["chunked loss (describe)"]
 
 
-def test_strategy_registry():
-    names = [s.name for s in FULL_STRATEGIES]
+def test_run_order_comes_from_the_one_registry():
+    names = [s.name for s in full_strategies()]
     assert names[:2] == ["checkpoint", "ours"]        # the reference length first, then ours
-    assert set(names) == {"none", "checkpoint", "hf_offload", "sac", "save_on_cpu+ckpt",
-                          "liger+ckpt", "torchtune+ckpt", "ours"}
-    by = {s.name: s for s in FULL_STRATEGIES}
-    assert by["liger+ckpt"].loss == "liger" and by["liger+ckpt"].peer == "checkpoint"
-    assert all(s.peer for s in FULL_STRATEGIES if s.name != "ours") and by["ours"].peer is None
-    for s in FULL_STRATEGIES:
-        why = s.unavailable()
-        assert why is None or isinstance(why, str) and why
-    try:
-        import liger_kernel.transformers  # noqa: F401
-    except Exception:
-        assert "liger_kernel" in by["liger+ckpt"].unavailable()
+    assert names[-1] == "save_on_cpu+ckpt" and set(names) == set(FULL_ORDER)
 
 
 def _row(name, longest, tps=None, ref_tps=None, capped=False, **kw):
@@ -226,8 +215,8 @@ def test_the_liger_row_loss_is_hf_loss_from_the_hidden_states():
     """hidden_state_loss (the liger+ckpt row's loss, Liger's kernel replaced by the plain
     linear + cross-entropy it fuses) equals the model's own loss, aux loss included."""
     from moe_offload.bench.full_model import QWEN3_FULL_TINY
-    from moe_offload.bench.peers import hidden_state_loss
-    from moe_offload.bench.real_model import build_qwen3
+    from moe_offload.bench.strategies import hidden_state_loss
+    from moe_offload.bench.workloads import build_qwen3
     model, ids = build_qwen3(QWEN3_FULL_TINY, 24, "cpu", torch.float32, 0, layers=2)
 
     def linear_ce(w, h, target):

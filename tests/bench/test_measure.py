@@ -1,13 +1,16 @@
 """Measurement helpers, the planner, and the bitwise flag of a whole run."""
+from typing import Callable
+
 import pytest
 import torch
 
 from moe_offload.bench import run as bench_run
 from moe_offload.bench.config import BenchConfig
-from moe_offload.bench.measure import (MemoryMeasurementError, capture_grads, grads_bitwise_equal,
+from moe_offload.bench.measure import (MemoryMeasurementError, grads_bitwise_equal, grads_of,
                                        loss_with_grad, measure_memory, time_steps)
 from moe_offload.bench.models import make_split_sizes
-from moe_offload.bench.strategies import Runner, Strategy, strategy_list
+from moe_offload.bench.strategies import Installed, Strategy, strategies_for
+from moe_offload.bench.workloads import stack_workloads
 
 
 def test_grads_bitwise_equal_detects_one_ulp():
@@ -21,11 +24,11 @@ def test_grads_bitwise_equal_detects_one_ulp():
     assert not grads_bitwise_equal([a[0]], [a[0].double()])
 
 
-def test_capture_grads_copies():
+def test_grads_of_copies():
     x = torch.randn(3, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(3))
     (x * w).sum().backward()
-    got = capture_grads(x, [w], to_cpu=True)
+    got = grads_of([x, w])
     x.grad.add_(1)
     assert not torch.equal(got[0], x.grad) and torch.equal(got[1], w.grad)
 
@@ -35,15 +38,15 @@ def test_loss_with_grad_is_backward_with_dy():
     w = torch.nn.Parameter(torch.randn(4, 4))
     dy = torch.randn(8, 4)
     torch.tanh(x @ w).backward(dy)
-    ref = capture_grads(x, [w])
+    ref = grads_of([x, w])
     x.grad = w.grad = None
     loss = loss_with_grad(torch.tanh(x @ w), dy)
     assert loss.shape == () and loss.requires_grad
     loss.backward()
-    assert grads_bitwise_equal(capture_grads(x, [w]), ref)
+    assert grads_bitwise_equal(grads_of([x, w]), ref)
     x.grad = w.grad = None
     loss_with_grad(torch.tanh(x @ w), dy * 2).backward()       # the seed really is dy
-    assert not grads_bitwise_equal(capture_grads(x, [w]), ref)
+    assert not grads_bitwise_equal(grads_of([x, w]), ref)
 
 
 def test_time_and_memory_on_cpu():
@@ -85,43 +88,52 @@ def test_split_sizes():
         make_split_sizes(10, 4, "zipf", 0, torch.device("cpu"))
 
 
-class _Perturbed(Runner):
-    """Scales the output by (1 + 2**-20): every gradient changes in its last bits."""
+def _hooked(hook_of) -> Callable:
+    """A strategy's ``install`` that registers ``hook_of(workload) -> handles`` (removed after)."""
+    def install(w, ctx):
+        handles = hook_of(w)
+        return Installed(remove=lambda: [h.remove() for h in handles])
+    return install
 
-    def forward(self, layers, x):
-        return super().forward(layers, x) * (1 + 2 ** -20)
+
+def _row_strategy(name, install):
+    return Strategy(name, "offload", "ours", "", install, kinds=("stack",))
 
 
-class _Copying(Runner):
-    """An honest no-op transport: copies the input first (grads must stay bitwise)."""
+# Scales the last layer's output by (1 + 2**-20): every gradient changes in its last bits.
+_PERTURBED = _row_strategy("perturbed", _hooked(lambda w: [w.layers[-1].register_forward_hook(
+    lambda m, i, o: o * (1 + 2 ** -20))]))
+# An honest no-op transport: copies the input first (grads must stay bitwise).
+_COPYING = _row_strategy("copying", _hooked(lambda w: [w.layers[0].register_forward_pre_hook(
+    lambda m, i: (i[0].clone(),))]))
 
-    def forward(self, layers, x):
-        return super().forward(layers, x.clone())
+
+def _with_rows(monkeypatch, *extra):
+    base = [s for s in strategies_for("stack") if s.name == "none"]
+    monkeypatch.setattr(bench_run, "strategies_for", lambda kind, recipe=None: base + list(extra))
+
+
+def _tiny(**kw):
+    return BenchConfig(**{**dict(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32",
+                                 device="cpu", recipe="none", stack="fused", iters=1, warmup=0,
+                                 progress=False), **kw})
 
 
 def test_run_bitwise_flag(monkeypatch):
-    base = [s for s in strategy_list(None) if s.name == "none"]
-    extra = [Strategy("perturbed", "offload", "ours", "", "none", lambda info: _Perturbed()),
-             Strategy("copying", "offload", "ours", "", "none", lambda info: _Copying())]
-    monkeypatch.setattr(bench_run, "strategy_list", lambda recipe: base + extra)
-    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
-                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
-    result = bench_run.run_bench(cfg)
-    rows = {r["strategy"]: r for r in result["rows"]}
-    assert rows["none"]["status"] == "ok" and rows["none"]["bitwise_equal"] is None
+    _with_rows(monkeypatch, _PERTURBED, _COPYING)
+    rows = {r["strategy"]: r for r in bench_run.run_bench(_tiny())["rows"]}
+    # none is checked against a second check step of itself (determinism of the kernels)
+    assert rows["none"]["status"] == "ok" and rows["none"]["bitwise_equal"] is True
     assert rows["perturbed"]["status"] == "ok" and rows["perturbed"]["bitwise_equal"] is False
+    assert rows["perturbed"]["grad_max_rel_error"] > 0
     assert rows["copying"]["status"] == "ok" and rows["copying"]["bitwise_equal"] is True
 
 
 def test_failing_strategy_is_a_row(monkeypatch):
-    def boom(info):
+    def boom(w, ctx):
         raise RuntimeError("kaboom")
-    base = [s for s in strategy_list(None) if s.name == "none"]
-    monkeypatch.setattr(bench_run, "strategy_list",
-                        lambda recipe: base + [Strategy("boom", "offload", "ours", "", "none", boom)])
-    cfg = BenchConfig(tokens=32, hidden=16, ffn=16, experts=2, layers=2, dtype="fp32", device="cpu",
-                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
-    rows = {r["strategy"]: r for r in bench_run.run_bench(cfg)["rows"]}
+    _with_rows(monkeypatch, _row_strategy("boom", boom))
+    rows = {r["strategy"]: r for r in bench_run.run_bench(_tiny(tokens=32, hidden=16, ffn=16))["rows"]}
     assert rows["boom"]["status"] == "error" and "kaboom" in rows["boom"]["note"]
 
 
@@ -164,19 +176,15 @@ def test_memory_starts_after_the_previous_step_is_collected(monkeypatch):
     assert m.act_bytes >= 64 * 64 * 4
 
 
-class _RetainsAcrossSteps(Runner):
+def _retains_across_steps(w) -> list:
     """Keeps 4 MiB from each backward until the next forward (as a graph stored on a
     module did): the next forward frees it and its activation figure would look small."""
+    kept = {}
 
-    def __init__(self):
-        super().__init__()
-        self.kept = None
-
-    def forward(self, layers, x):
-        self.kept = None
-        y = super().forward(layers, x)
-        y.register_hook(lambda g: setattr(self, "kept", torch.ones(1 << 20)))
-        return y
+    def post(m, i, y):
+        y.register_hook(lambda g: kept.__setitem__("t", torch.ones(1 << 20)))
+    return [w.layers[0].register_forward_pre_hook(lambda m, i: kept.clear()),
+            w.layers[-1].register_forward_hook(post)]
 
 
 def test_memory_retained_from_the_previous_step_is_an_error_row(monkeypatch):
@@ -200,62 +208,50 @@ def test_memory_retained_from_the_previous_step_is_an_error_row(monkeypatch):
     real = bench_run.measure_memory
     monkeypatch.setattr(bench_run, "measure_memory",
                         lambda f, b, cuda, min_act_bytes=0: real(f, b, True, min_act_bytes))
-    base = [s for s in strategy_list(None) if s.name == "none"]
-    extra = [Strategy("retains", "offload", "ours", "", "none", lambda info: _RetainsAcrossSteps())]
-    monkeypatch.setattr(bench_run, "strategy_list", lambda recipe: base + extra)
-    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
-                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
-    rows = {r["strategy"]: r for r in bench_run.run_bench(cfg)["rows"]}
+    _with_rows(monkeypatch, _row_strategy("retains", _hooked(_retains_across_steps)))
+    rows = {r["strategy"]: r for r in bench_run.run_bench(_tiny())["rows"]}
     assert rows["none"]["status"] == "ok" and rows["none"]["act_bytes"] >= rows["none"]["output_bytes"]
     assert rows["retains"]["status"] == "error"
     assert "MemoryMeasurementError" in rows["retains"]["note"]
 
 
-def test_plan_runner_restores_the_stack_and_keeps_grads_bitwise():
+def test_plans_restore_the_stack_and_keep_grads_bitwise():
     """Rows of ours are plans of the general planner applied to the stack: mixed fc1
     recompute, offload levels and checkpointed layers keep every gradient bitwise, move
     bytes exactly when a layer offloads, and leave the stack as it was."""
-    from moe_offload.bench.models import build_stacks, make_inputs
-    from moe_offload.bench.run import stack_figures
-    from moe_offload.bench.strategies import PlanRunner
     from moe_offload.plan import Choice, make_plan
-    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=4, dtype="fp32", device="cpu",
-                      stack="fused", recipe="none", iters=1, warmup=0)
-    stack = build_stacks(cfg, None)["fused"]
-    x, dy = make_inputs(cfg)
-    params = stack.parameters()
-    figs = stack_figures(cfg, stack, x, dy, False, {"d2h_Bps": 1e9, "h2d_Bps": 1e9})
-    assert x.grad is None and all(p.grad is None for p in params)
+    w = stack_workloads(_tiny(layers=4), (1e9, 1e9))["fused"]
+    figs = w.figures()
+    assert all(p.grad is None for p in w.params)
     assert figs[1].layers[0].options == ["none", "norms+fc1", "layer"]
 
-    def grads(runner):
-        x.grad = None
-        for p in params:
-            p.grad = None
-        runner.begin_step()
-        runner.forward(stack.layers, x).backward(dy)
-        return capture_grads(x, params)
+    def grads():
+        w.clear_grads()
+        w.step().backward()
+        return grads_of(w.params)
 
-    ref = grads(Runner())
+    ref = grads()
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda m, i: seen.append(m.mlp.recompute))
-             for layer in stack.layers]
+             for layer in w.layers]
     fc1, keep = Choice("norms+fc1", 3), Choice("none", 0)
     for choices in ([fc1, fc1, keep, Choice("norms+fc1", 0)], [keep, Choice("norms+fc1", 0), keep, keep],
                     [Choice("layer", 3)] * 4):
         seen.clear()
-        plan = make_plan(stack.layers, figs, choices, min_offload_bytes=1024)
-        runner = PlanRunner(plan)
+        plan = make_plan(w.model, figs, choices, min_offload_bytes=1024)
+        handle = plan.apply()
         try:
-            assert grads_bitwise_equal(grads(runner), ref), choices
+            handle.reset_stats()
+            assert grads_bitwise_equal(grads(), ref), choices
             if choices[0].recompute != "layer":
                 assert seen == ["fc1" if c.recompute == "norms+fc1" else "activation" for c in choices]
-            d2h, h2d = runner.moved_bytes()
+            s = handle.stats()
+            d2h, h2d = s.get("offloaded_bytes", 0), s.get("reloaded_bytes", 0)
             assert (d2h > 0) == (plan.prediction.engine_layers > 0) and d2h == h2d
         finally:
-            runner.close()
-        assert all(layer.mlp.recompute == "activation" for layer in stack.layers)
-        assert all("forward" not in layer.__dict__ for layer in stack.layers)
+            handle.remove()
+        assert all(layer.mlp.recompute == "activation" for layer in w.layers)
+        assert all("forward" not in layer.__dict__ for layer in w.layers)
     for h in hooks:
         h.remove()
 
@@ -265,15 +261,10 @@ def test_the_general_planner_plans_a_synthetic_stack_within_its_peak_budget():
     every budget between no plan's peak and the least any plan reaches gets a plan predicted
     within it, smaller budgets never get a faster plan than the least-peak one allows, and
     a budget below that least peak is refused with the minimum in the message."""
-    from moe_offload.bench.models import build_stacks, make_inputs
-    from moe_offload.bench.run import stack_figures
     from moe_offload.plan import plan_memory
     from moe_offload.plan.memory_plan import candidates
-    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=4, dtype="fp32", device="cpu",
-                      stack="fused", recipe="none", iters=1, warmup=0)
-    stack = build_stacks(cfg, None)["fused"]
-    x, dy = make_inputs(cfg)
-    figs = stack_figures(cfg, stack, x, dy, False, {"d2h_Bps": 1e9, "h2d_Bps": 1e9})
+    stack = stack_workloads(_tiny(layers=4), (1e9, 1e9))["fused"]
+    figs = stack.figures()
     peaks = sorted({c.peak_bytes for c in candidates(figs[1], 0)})    # each at its least-peak prefetch
     low, high = peaks[0], peaks[-1]
     assert low < high
@@ -296,3 +287,42 @@ def test_planned_rows_run_after_every_peer():
     assert {("fused", "none"), ("fused", "checkpoint"), ("unfused", "checkpoint"),
             ("unfused", "none")} <= set(plan)
     assert ("fused", "offload_but_last") not in plan
+
+
+def test_check_step_is_strictly_deterministic(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    from moe_offload.bench.measure import check_attention_backends, deterministic_check
+    assert check_attention_backends(True) == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    with deterministic_check(False):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()   # strict, not warn
+        counts = torch.histc(torch.tensor([0.0, 1.0, 1.0]), bins=2, min=0, max=1)
+        assert counts.tolist() == [1.0, 2.0]
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    with deterministic_check(False, "math"):         # the fallback: math SDPA, warn only
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.raises(ValueError, match="mode"):
+        with deterministic_check(False, "loose"):
+            pass
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
+        with deterministic_check(True):
+            pass
+
+
+def test_a_check_step_that_raises_in_strict_mode_falls_back_to_math():
+    from moe_offload.bench.measure import first_check_step
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def step():
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError("some_op does not have a deterministic implementation")
+        return (w * 2).sum()
+    grads, mode, errors = first_check_step(step, [w], cuda=False)
+    assert mode == "math" and torch.equal(grads[0], torch.full((3,), 2.0))
+    assert "strict" in errors[0] and "some_op" in errors[0]

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 
 def _qwen3(seq=2048):
-    from moe_offload.bench.real_model import build_qwen3
+    from moe_offload.bench.workloads import build_qwen3
     dims = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                 num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
                 num_hidden_layers=4, vocab_size=4096, intermediate_size=1024)
@@ -26,7 +26,7 @@ def _qwen3(seq=2048):
 def _grads(model, step):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    from moe_offload.bench.real_model import deterministic_check
+    from moe_offload.bench.measure import deterministic_check
     with deterministic_check(True):        # strict mode, flash/math SDPA: see the bench
         step().backward()
     return [p.grad.clone() for p in model.parameters()]

@@ -1,0 +1,87 @@
+"""The one strategy registry: peers and ours installed on a workload, bitwise and removed."""
+import pytest
+import torch
+
+from moe_offload.bench.strategies import (STRATEGIES, TIME_MARGIN, TIME_TOL, Context, sac_policy_ops,
+                                          strategies_for, strategy_names, time_limit)
+from moe_offload.bench.workloads import QWEN3_TINY, build_qwen3, model_workload
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _by_name(name):
+    return next(s for s in STRATEGIES if s.name == name)
+
+
+def test_one_registry_serves_every_workload():
+    names = [s.name for s in STRATEGIES]
+    assert len(names) == len(set(names))
+    hf = [s.name for s in strategies_for("hf")]
+    assert hf[:5] == ["none", "checkpoint", "sac", "save_on_cpu+ckpt", "hf_offload"]
+    assert {"plan@half-sac", "plan@time", "plan@hf_offload", "experts:ours"} <= set(hf)
+    stack = [s.name for s in strategies_for("stack", "fp8")]
+    assert {"none", "save_on_cpu", "checkpoint", "offload_all", "fp8", "fp8+offload",
+            "plan@half-none"} <= set(stack) and "<recipe>" not in " ".join(stack)
+    assert "fp8" not in [s.name for s in strategies_for("stack")]      # no recipe: no recipe rows
+    full = {s.name: s for s in strategies_for("full")}
+    assert set(full) == {"none", "checkpoint", "hf_offload", "sac", "save_on_cpu+ckpt", "liger+ckpt",
+                         "torchtune+ckpt", "ours"}
+    assert full["liger+ckpt"].loss == "liger" and full["ours"].install is None
+    for s in STRATEGIES:       # each says why it cannot run here, or nothing
+        why = s.requires() if s.requires else None
+        assert why is None or isinstance(why, str) and why
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        assert "liger_kernel" in full["liger+ckpt"].requires()
+    valid = strategy_names("fp8")
+    assert {"peer", "ours", "planned", "checkpoint", "fp8+offload"} <= set(valid)
+
+
+def test_peers_are_bitwise_and_removed():
+    model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    params = list(model.parameters())
+
+    def grads(step):
+        for p in params:
+            p.grad = None
+        step().backward()
+        return [p.grad.clone() for p in params]
+    base = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    ref = grads(base)
+    w = model_workload(model, model.model.layers, cuda=False)
+    for name in ("checkpoint", "sac", "save_on_cpu+ckpt"):
+        inst = _by_name(name).install(w, Context())
+        try:
+            got = grads(inst.wrap(base))
+        finally:
+            inst.remove()
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), name
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not getattr(model, "is_activation_checkpointing", False)
+    assert not hasattr(model, "_require_grads_hook")          # HF's input-grad hook is gone too
+    assert torch.ops.aten.mm.default in sac_policy_ops()
+
+
+def test_hf_offload_peer_installs_and_is_removed():
+    """HF's checkpointing with its offload switch: installed (the switch is consumed by
+    transformers, not handed on to torch.utils.checkpoint) and removed without a trace."""
+    import functools
+    model, _ = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    w = model_workload(model, model.model.layers, cuda=True)      # its switch, without a device
+    inst = _by_name("hf_offload").install(w, Context())
+    funcs = [getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()]
+    funcs = [f for f in funcs if f is not None]
+    assert funcs and getattr(model, "is_gradient_checkpointing", True)
+    assert not any(isinstance(f, functools.partial) and "offload" in (f.keywords or {}) for f in funcs)
+    inst.remove()
+    assert not getattr(model, "is_gradient_checkpointing", False)
+    assert not hasattr(model, "_require_grads_hook")
+
+
+def test_plan_at_time_limit_is_against_none_not_our_no_plan_step():
+    limit, why = time_limit(0.16465, 0.13866)        # the first H200 run's figures
+    assert limit == pytest.approx(TIME_TOL * 0.16465 * (1 - TIME_MARGIN))
+    assert limit > 0.16 and "none 164.65 ms" in why
+    limit, why = time_limit(None, 0.13866)           # no none row: our own no-plan step
+    assert limit == pytest.approx(TIME_TOL * 0.13866 * (1 - TIME_MARGIN)) and "no plan" in why
