@@ -85,3 +85,27 @@ def test_plan_at_time_limit_is_against_none_not_our_no_plan_step():
     assert limit > 0.16 and "none 164.65 ms" in why
     limit, why = time_limit(None, 0.13866)           # no none row: our own no-plan step
     assert limit == pytest.approx(TIME_TOL * 0.13866 * (1 - TIME_MARGIN)) and "no plan" in why
+
+
+def test_hf_offload_without_the_switch_is_a_skipped_row(monkeypatch):
+    """transformers 5.17 has no checkpointing offload switch: ``offload=True`` in the
+    checkpointing kwargs reaches torch.utils.checkpoint.  The row says so and is skipped
+    (not an error row), and nothing stays installed."""
+    from moe_offload.bench.strategies import Skip
+    model, _ = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+
+    def enable_5_17(activation_checkpointing_kwargs=None):     # no offload argument
+        import functools
+        from torch.utils.checkpoint import checkpoint
+        for layer in model.model.layers:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, **activation_checkpointing_kwargs)
+            layer.gradient_checkpointing = True
+    monkeypatch.setattr(model, "activation_checkpointing_enable", enable_5_17)
+    monkeypatch.setattr(model, "gradient_checkpointing_enable",
+                        lambda gradient_checkpointing_kwargs=None: enable_5_17(gradient_checkpointing_kwargs))
+    undone = []
+    monkeypatch.setattr(model, "activation_checkpointing_disable", lambda: undone.append(True))
+    monkeypatch.setattr(model, "gradient_checkpointing_disable", lambda: undone.append(True))
+    with pytest.raises(Skip, match="no checkpointing offload switch"):
+        _by_name("hf_offload").install(model_workload(model, model.model.layers, cuda=True), Context())
+    assert undone == [True]
