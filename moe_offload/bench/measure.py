@@ -1,7 +1,8 @@
 """The bench's row measurements: step timing, activation and peak memory, grads.
 
-Everything here is strategy-agnostic: a *step* is ``forward(x) -> y`` then
-``y.backward(dy)``, given as two callables.  What the planner measures too (copy
+Everything here is strategy-agnostic: a step is given as two callables, ``forward() -> y``
+and ``backward(y)`` (the rows pass ``step() -> loss`` and ``loss.backward()``; a stack's
+loss is :func:`loss_with_grad`, whose backward is ``y.backward(dy)``).  What the planner measures too (copy
 bandwidth, saved bytes, step timing) is :mod:`moe_offload.plan.measure`'s; this module
 adds what only rows need: one step's activation memory and peak (below), the memory
 trace of a step, and the bitwise check of gradients.

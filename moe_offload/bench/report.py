@@ -13,8 +13,8 @@ The JSON report's top-level keys:
   a pinned copy each way; a host memcpy on the CPU).
 - ``rows``: one object per (stack, strategy) pair, in run order:
 
-  - identity: ``stack`` (``fused``, ``fused/fc1``, ``fused/<recipe>``, ``unfused``,
-    ``moe``), ``base_stack``, ``strategy``, ``family``, ``owner`` (``baseline``, ``peer``,
+  - identity: ``stack`` (the workload: ``fused``, ``fused/fc1``, ``fused/<recipe>``,
+    ``unfused``, ``moe``, or ``qwen3`` for the slice), ``base_stack``, ``strategy``, ``family``, ``owner`` (``baseline``, ``peer``,
     ``ours``), ``description``, ``reference`` (strategy whose grads must be equal);
   - ``status`` (``ok``, ``skipped``, ``error``) and ``note`` (why);
   - time, seconds (medians): ``fwd_s``, ``bwd_s``, ``step_s``, and ``all_step_s``;

@@ -253,6 +253,9 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: Non
                 raise Skip(why)
             inst = s.install(w, ctx)
             row.update(inst.fields)
+            if s.owner == "ours" and w.experts_error:
+                row["note"] = "; ".join(filter(None, [row.get("note"), "on HF's experts (our experts "
+                                                      f"refused: {w.experts_error})"]))
             if inst.plan is not None:
                 row["plan"] = plan_dict(inst.plan)
                 row["prefetch_layers"] = inst.plan.prefetch_layers

@@ -14,7 +14,8 @@ The peers (torch's, Hugging Face's, torchtune's):
   grouped matmuls and SDPA are saved, the rest recomputed;
 - ``save_on_cpu+ckpt``: ``save_on_cpu(pin_memory=True)`` around the step on top of
   ``checkpoint``;
-- ``hf_offload``: Hugging Face checkpointing with its ``offload`` switch (transformers >= 5.17);
+- ``hf_offload``: Hugging Face checkpointing with its ``offload`` switch (newer than transformers
+  5.17, which lacks it: the row is skipped with the reason);
 - ``torchtune`` / ``torchtune+ckpt``: torchtune's ``OffloadActivations`` (when it imports);
 - ``liger+ckpt`` (full-depth run): checkpointing + Liger's fused linear cross-entropy.
 
@@ -234,7 +235,9 @@ def _hf_checkpointing(model, offload: bool = False) -> Callable[[], None]:
     """Hugging Face's own per-layer checkpointing (torch, non-reentrant), with its
     ``offload`` switch when asked; returns the undo (it also drops the input-embedding hook
     enabling registered, which Hugging Face's disable leaves unless peft's config is loaded).
-    Newer transformers take ``offload=True`` as an argument, 5.17 in the checkpointing kwargs."""
+    Newer transformers (5.2x) take ``offload=True`` as an argument of
+    ``activation_checkpointing_enable``; one without it (5.17, the GPU image's) hands it on to
+    ``torch.utils.checkpoint``, which is detected: the row is skipped with the reason."""
     had_hook = hasattr(model, "_require_grads_hook")
     enable = getattr(model, "activation_checkpointing_enable", None)
     kw = {"use_reentrant": False}
@@ -289,9 +292,12 @@ def _torchtune(w, ckpt: bool) -> Installed:
     if not torchtune_available():
         raise Skip("torchtune does not import")
     from torchtune.training import OffloadActivations
-    ctx = OffloadActivations()
 
     def wrap(step):
+        # A new context per wrapped step function (the full-depth run wraps once per
+        # length): one whose step ran out of memory keeps its tracker and pinned copies.
+        ctx = OffloadActivations()
+
         def run():
             with ctx:
                 return step()
@@ -331,7 +337,7 @@ def _applied(plan, **fields) -> Installed:
 
 
 def _figures(w):
-    w.use_our_experts()           # a Hugging Face model: plans run on our experts
+    w.use_our_experts()           # a Hugging Face model: plans run on our experts when it can
     return w.figures()
 
 
@@ -375,6 +381,12 @@ def _budgeted(peer: str, fraction: float) -> Callable:
         try:
             return _applied(_plan(w, budget))
         except ValueError as e:   # below the least peak any plan reaches: run that, say so
+            if fraction < 1:
+                try:
+                    _plan(w, int(ctx.peak_of[peer]))
+                except ValueError:
+                    raise Skip(f"same plan as plan@{peer}: both budgets are below the least peak "
+                               "any plan reaches") from None
             least = _plan(w, None, max_step_s=float("inf"))
             return _applied(least, requested_budget_bytes=budget,
                             note=f"below the least peak any plan reaches: {e}; ran that least peak, "
@@ -528,7 +540,8 @@ def strategies_for(kind: str, recipe: Optional[str] = None) -> list:
 
 
 def strategy_names(recipe: Optional[str]) -> list:
-    """Valid ``--strategies`` entries: every strategy name, family and owner."""
-    rows = [_named(s, recipe or "fp8") for s in STRATEGIES]
+    """Valid ``--strategies`` entries: every strategy name, family and owner (the recipe rows
+    only with a ``recipe``)."""
+    rows = [_named(s, recipe) for s in STRATEGIES if s.variant != "recipe" or recipe is not None]
     names = list(dict.fromkeys(s.name for s in rows))
     return names + sorted(({s.family for s in rows} | {s.owner for s in rows}) - set(names))

@@ -55,7 +55,8 @@ class Workload:
     floor of a row's activation figure).  ``options``: the planner's recompute options
     (``None``: all that apply; a stack variant only offloads).  ``measure``: the keyword
     arguments of :func:`~moe_offload.plan.measure_model`.  ``state``: changes when a row
-    changes the model for good; gradient references are kept per state."""
+    changes the model for good; gradient references are kept per state.  ``experts_error``:
+    why the switch to our experts failed (empty: it did not, or was not tried)."""
     name: str
     kind: str
     model: nn.Module
@@ -68,6 +69,7 @@ class Workload:
     options: Optional[tuple] = None
     measure: dict = field(default_factory=dict)
     state: str = ""
+    experts_error: str = ""
     _figures: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -102,15 +104,17 @@ class Workload:
         """Run a Hugging Face model's experts on our fused grouped MLP from now on (the
         plans' rows do; the peers' rows ran before, on Hugging Face's).  True when it
         switched (or had switched); False when the integration is missing or the model has
-        no supported experts."""
+        no supported experts (:attr:`experts_error` says why; the plans then run on Hugging
+        Face's experts)."""
         if self.state == "ours_experts":
             return True
-        if self.kind != "hf":
+        if self.kind != "hf" or self.experts_error:
             return False
         try:
             from ..integrations.transformers import use_moe_offload_experts
             use_moe_offload_experts(self.model)
-        except (ImportError, ValueError):
+        except Exception as e:   # noqa: BLE001 - the plans then run on HF's experts, and say why
+            self.experts_error = f"{type(e).__name__}: {e}"[:300]
             return False
         self.state = "ours_experts"
         return True

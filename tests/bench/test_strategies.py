@@ -36,6 +36,7 @@ def test_one_registry_serves_every_workload():
         assert "liger_kernel" in full["liger+ckpt"].requires()
     valid = strategy_names("fp8")
     assert {"peer", "ours", "planned", "checkpoint", "fp8+offload"} <= set(valid)
+    assert "fp8+offload" not in strategy_names(None)       # --recipe none: no recipe rows
 
 
 def test_peers_are_bitwise_and_removed():
@@ -109,3 +110,68 @@ def test_hf_offload_without_the_switch_is_a_skipped_row(monkeypatch):
     with pytest.raises(Skip, match="no checkpointing offload switch"):
         _by_name("hf_offload").install(model_workload(model, model.model.layers, cuda=True), Context())
     assert undone == [True]
+
+
+def test_budgets_below_the_least_peak(monkeypatch):
+    """A budget below the least peak any plan reaches runs that least peak and says so; a
+    half budget whose full budget is below it too would run the very same plan: skipped."""
+    from moe_offload.bench.config import BenchConfig
+    from moe_offload.bench.strategies import Skip
+    from moe_offload.bench.workloads import stack_workloads
+    cfg = BenchConfig(tokens=64, hidden=32, ffn=32, experts=2, layers=2, dtype="fp32", device="cpu",
+                      recipe="none", stack="fused", iters=1, warmup=0, progress=False)
+    w = stack_workloads(cfg, (1e9, 1e9))["fused"]
+    ctx = Context(peak_of={"checkpoint": 1})
+    inst = _by_name("plan@checkpoint").install(w, ctx)
+    try:
+        assert inst.fields["requested_budget_bytes"] == 1 and inst.plan.predicted_peak_bytes > 1
+        assert "below the least peak any plan reaches" in inst.fields["note"]
+    finally:
+        inst.remove()
+    with pytest.raises(Skip, match="same plan as plan@checkpoint"):
+        _by_name("plan@half-checkpoint").install(w, ctx)
+
+
+def test_a_failing_experts_switch_leaves_plans_on_hf_experts(monkeypatch):
+    import moe_offload.integrations.transformers as integration
+    model, _ = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+
+    def broken(m):
+        raise AttributeError("an older transformers")
+    monkeypatch.setattr(integration, "use_moe_offload_experts", broken)
+    w = model_workload(model, model.model.layers, cuda=False)
+    assert w.use_our_experts() is False and w.state == ""
+    assert "AttributeError: an older transformers" in w.experts_error
+
+
+def test_torchtune_gets_a_new_context_per_wrapped_step(monkeypatch):
+    """The full-depth run wraps once per length; a context whose step ran out of memory keeps
+    its tracker, so each wrap builds its own."""
+    import sys
+    import types
+    made = []
+
+    class FakeOffload:
+        def __init__(self):
+            made.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    training = types.ModuleType("torchtune.training")
+    training.OffloadActivations = FakeOffload
+    monkeypatch.setitem(sys.modules, "torchtune", types.ModuleType("torchtune"))
+    monkeypatch.setitem(sys.modules, "torchtune.training", training)
+    model, ids = build_qwen3(QWEN3_TINY, 16, "cpu", torch.float32, 0, layers=2)
+    inst = _by_name("torchtune").install(model_workload(model, model.model.layers, cuda=False), Context())
+    try:
+        step = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        a, b = inst.wrap(step), inst.wrap(step)
+        a()
+        a()
+        b()
+        assert len(made) == 2
+    finally:
+        inst.remove()
