@@ -95,6 +95,11 @@ def _recipe(cfg: BenchConfig) -> Optional[str]:
     return None if cfg.recipe == "none" else cfg.recipe
 
 
+def _base_row(variant: str, recipe: Optional[str]) -> Optional[str]:
+    """The row a stack variant's rows are measured against (its plain step)."""
+    return {"": "none", "fc1": "fc1_recompute", "recipe": recipe}[variant]
+
+
 def plan_runs(cfg: BenchConfig) -> list:
     """``[(workload name, Strategy)]`` in run order.
 
@@ -105,12 +110,11 @@ def plan_runs(cfg: BenchConfig) -> list:
     marked ``after_peers`` run last (their budgets are the peers' measured peaks)."""
     recipe = _recipe(cfg)
     rows = strategies_for("hf" if cfg.model == "qwen3" else "stack", recipe)
-    base_of = {"": "none", "fc1": "fc1_recompute", "recipe": recipe}
     chosen = set(cfg.strategies or [s.name for s in rows])
     wanted = {s.name for s in rows if chosen & {s.name, s.family, s.owner}}
     for s in rows:
         if s.name in wanted:
-            wanted.update(("none", base_of[s.variant], *s.needs))
+            wanted.update(("none", _base_row(s.variant, recipe), *s.needs))
     if cfg.model == "qwen3":
         bases = ["qwen3"]
     else:
@@ -237,7 +241,6 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: Non
     workloads = build_workloads(cfg, (bw["d2h_Bps"], bw["h2d_Bps"]))
     runs = plan_runs(cfg)
     ctx, rows, refs = Context(), [], {}
-    base_of = {"": "none", "fc1": "fc1_recompute", "recipe": _recipe(cfg)}
     for name, s in progress(runs, cfg.progress, cfg.model):
         w = workloads.get(name)
         row = {"stack": name, "base_stack": name.split("/")[0], "strategy": s.name, "family": s.family,
@@ -264,7 +267,7 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[dict], None] = lambda row: Non
             # or on our experts the experts:ours row (the bare step there).
             row["reference"] = None if s.reference is None else (
                 "experts:ours" if w.state == "ours_experts" else
-                "none" if s.reference == "base" else base_of.get(s.variant, "none"))
+                "none" if s.reference == "base" else _base_row(s.variant, _recipe(cfg)))
             step = inst.wrap(w.step)
             measure_row(row, w, inst, step, cfg)
             if s.reference is not None:
